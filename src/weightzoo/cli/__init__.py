@@ -1,0 +1,70 @@
+"""The `weightzoo` command line (typer + rich), in the spirit of `sct_deepseg TASK -i IMAGE`.
+
+Each sub-module registers its commands on `app`. Errors caused by input are `WeightzooError`s: they are
+printed as one line (`error: <file>: <what> — <fix>`) with exit code 2; `--debug` shows the traceback.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import typer
+from rich.console import Console
+
+from weightzoo.errors import WeightzooError
+
+app = typer.Typer(
+    name="weightzoo",
+    help="Segmentation models for a new task or site without a week of nnU-Net training.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+err_console = Console(stderr=True)
+_state = {"debug": False}
+
+
+@app.callback()
+def _root(debug: bool = typer.Option(False, "--debug", help="Show full tracebacks instead of one-line errors.")) -> None:
+    _state["debug"] = debug
+
+
+def _register() -> None:
+    from weightzoo.cli import data, demo, evaluate, segment, train
+
+    for module in (data, train, evaluate, segment, demo):
+        module.register(app)
+
+
+_register()
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Console-script entry point: run the app, turning user errors into one-line messages."""
+    debug = "--debug" in (argv if argv is not None else sys.argv[1:])
+    try:
+        app(args=argv, standalone_mode=False)
+    except WeightzooError as e:
+        if debug:
+            raise
+        err_console.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
+        return 2
+    except KeyboardInterrupt:
+        err_console.print("[yellow]interrupted[/] (long jobs resume from their last checkpoint when re-run)")
+        return 130
+    except SystemExit as e:
+        return int(e.code or 0)
+    except Exception as e:  # click usage errors carry their own exit codes
+        import click
+
+        if isinstance(e, click.exceptions.ClickException):
+            e.show()
+            return e.exit_code
+        if isinstance(e, click.exceptions.Abort):
+            return 1
+        raise
+    return 0
+
+
+def run() -> None:
+    sys.exit(main())

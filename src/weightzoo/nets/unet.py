@@ -1,0 +1,238 @@
+"""nnU-Net's PlainConvUNet, built only through a JSON-able ArchSpec.
+
+An ArchSpec is exactly what nnU-Net v2 stores in `plans.json` under
+`configurations.<cfg>.architecture` (`network_class_name`, `arch_kwargs`, `_kw_requires_import`),
+plus the input and output channel counts, which nnU-Net derives from `dataset.json`. Keeping the
+same shape means our checkpoints load into nnU-Net and nnU-Net's into us. Two checkpoints are
+comparable only if their `ArchSpec.hash()` match.
+
+Ops are named by their import path, as in nnU-Net plans, but resolved through an explicit
+allow-list: a spec read from disk never imports arbitrary code.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from weightzoo.errors import ModelError, UnknownNameError
+
+PLAIN_CONV_UNET = "dynamic_network_architectures.architectures.unet.PlainConvUNet"
+
+# import path (as written in nnU-Net plans) -> class. The only ops a spec may name.
+ALLOWED_OPS: dict[str, type[nn.Module]] = {
+    "torch.nn.modules.conv.Conv2d": nn.Conv2d,
+    "torch.nn.modules.conv.Conv3d": nn.Conv3d,
+    "torch.nn.modules.instancenorm.InstanceNorm2d": nn.InstanceNorm2d,
+    "torch.nn.modules.instancenorm.InstanceNorm3d": nn.InstanceNorm3d,
+    "torch.nn.modules.batchnorm.BatchNorm2d": nn.BatchNorm2d,
+    "torch.nn.modules.batchnorm.BatchNorm3d": nn.BatchNorm3d,
+    "torch.nn.modules.dropout.Dropout2d": nn.Dropout2d,
+    "torch.nn.modules.dropout.Dropout3d": nn.Dropout3d,
+    "torch.nn.modules.activation.LeakyReLU": nn.LeakyReLU,
+    "torch.nn.modules.activation.ReLU": nn.ReLU,
+    "torch.nn.LeakyReLU": nn.LeakyReLU,
+    "torch.nn.ReLU": nn.ReLU,
+}
+OP_KEYS = ("conv_op", "norm_op", "dropout_op", "nonlin")
+
+
+def _unet_kwargs(features: list[int], n_conv: int, dropout: float) -> dict[str, Any]:
+    n = len(features)
+    return {
+        "n_stages": n,
+        "features_per_stage": features,
+        "conv_op": "torch.nn.modules.conv.Conv2d",
+        "kernel_sizes": [[3, 3]] * n,
+        "strides": [[1, 1]] + [[2, 2]] * (n - 1),
+        "n_conv_per_stage": [n_conv] * n,
+        "n_conv_per_stage_decoder": [n_conv] * (n - 1),
+        "conv_bias": True,
+        "norm_op": "torch.nn.modules.instancenorm.InstanceNorm2d",
+        "norm_op_kwargs": {"eps": 1e-05, "affine": True},
+        "dropout_op": "torch.nn.modules.dropout.Dropout2d" if dropout > 0 else None,
+        "dropout_op_kwargs": {"p": dropout, "inplace": False} if dropout > 0 else None,
+        "nonlin": "torch.nn.LeakyReLU",
+        "nonlin_kwargs": {"inplace": True},
+    }
+
+
+# name -> (features per stage, convs per stage). Patch size must be divisible by 2**(stages-1).
+PRESETS: dict[str, tuple[list[int], int]] = {
+    "tiny": ([4, 8, 16], 1),  # ~5 k params: tests
+    "small": ([16, 32, 64, 128], 2),  # ~0.5 M params: CPU demo, zoo scale
+    "default": ([32, 64, 128, 256, 512], 2),  # nnU-Net-2D-like, for a GPU
+}
+
+
+@dataclass(frozen=True)
+class ArchSpec:
+    """What it takes to build a network: nnU-Net's architecture block + channel counts."""
+
+    arch_kwargs: dict[str, Any]
+    input_channels: int = 1
+    num_classes: int = 1
+    network_class_name: str = PLAIN_CONV_UNET
+    _hash: str = field(default="", compare=False, repr=False)
+
+    # ---- construction -------------------------------------------------------------------------
+    @classmethod
+    def preset(cls, name: str, input_channels: int = 1, num_classes: int = 1, dropout: float = 0.0) -> ArchSpec:
+        """A named preset (`tiny`, `small`, `default`); `dropout` > 0 adds spatial (channel) dropout."""
+        if name not in PRESETS:
+            raise UnknownNameError("preset", name, list(PRESETS))
+        features, n_conv = PRESETS[name]
+        return cls(_unet_kwargs(features, n_conv, dropout), input_channels, num_classes)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> ArchSpec:
+        try:
+            return cls(
+                arch_kwargs=copy.deepcopy(d["arch_kwargs"]),
+                input_channels=int(d["input_channels"]),
+                num_classes=int(d["num_classes"]),
+                network_class_name=d.get("network_class_name", PLAIN_CONV_UNET),
+            )
+        except (KeyError, TypeError, ValueError) as e:
+            raise ModelError(f"not a valid ArchSpec ({e!r})", "re-create the model with weightzoo") from None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "network_class_name": self.network_class_name,
+            "arch_kwargs": copy.deepcopy(self.arch_kwargs),
+            "input_channels": self.input_channels,
+            "num_classes": self.num_classes,
+        }
+
+    def to_nnunet_architecture(self) -> dict[str, Any]:
+        """The `architecture` block of an nnU-Net v2 plans configuration."""
+        return {
+            "network_class_name": self.network_class_name,
+            "arch_kwargs": copy.deepcopy(self.arch_kwargs),
+            "_kw_requires_import": list(OP_KEYS),
+        }
+
+    def hash(self) -> str:
+        """Short stable hash of everything that changes parameter shapes or the function."""
+        blob = json.dumps(self.to_dict(), sort_keys=True).encode()
+        return hashlib.sha256(blob).hexdigest()[:16]
+
+    @property
+    def n_stages(self) -> int:
+        return int(self.arch_kwargs["n_stages"])
+
+    @property
+    def size_divisor(self) -> int:
+        """Input H and W must be multiples of this (product of the strides)."""
+        d = 1
+        for s in self.arch_kwargs["strides"]:
+            d *= int(s[0] if isinstance(s, (list, tuple)) else s)
+        return d
+
+    def with_classes(self, num_classes: int) -> ArchSpec:
+        return ArchSpec(copy.deepcopy(self.arch_kwargs), self.input_channels, num_classes, self.network_class_name)
+
+
+def _resolve_ops(kwargs: dict[str, Any]) -> dict[str, Any]:
+    out = copy.deepcopy(kwargs)
+    for key in OP_KEYS:
+        name = out.get(key)
+        if name is None:
+            continue
+        if name not in ALLOWED_OPS:
+            raise ModelError(
+                f"ArchSpec names op {key}={name!r}, which is not on weightzoo's allow-list",
+                f"use one of: {', '.join(sorted(ALLOWED_OPS))}",
+            )
+        out[key] = ALLOWED_OPS[name]
+    return out
+
+
+def build_network(spec: ArchSpec, seed: int | None = None) -> nn.Module:
+    """Build (and He-initialise, as nnU-Net does) the network an ArchSpec describes.
+
+    With `seed`, initialisation is deterministic and independent of the global RNG state.
+    """
+    if spec.network_class_name != PLAIN_CONV_UNET:
+        raise ModelError(
+            f"network class {spec.network_class_name!r} is not supported",
+            f"weightzoo builds {PLAIN_CONV_UNET} only",
+        )
+    try:
+        from dynamic_network_architectures.architectures.unet import PlainConvUNet
+    except ImportError:  # pragma: no cover - depends on the install
+        raise ModelError(
+            "dynamic-network-architectures is not installed",
+            "pip install --no-deps dynamic-network-architectures==0.4.4 (see README)",
+        ) from None
+    kwargs = _resolve_ops(spec.arch_kwargs)
+    fork = torch.random.fork_rng(devices=[]) if seed is not None else _null()
+    with fork:
+        if seed is not None:
+            torch.manual_seed(seed)
+        net = PlainConvUNet(spec.input_channels, num_classes=spec.num_classes, deep_supervision=False, **kwargs)
+        net.apply(PlainConvUNet.initialize)
+    return net
+
+
+class _null:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *a: object) -> None:
+        return None
+
+
+def count_parameters(net: nn.Module) -> int:
+    """Number of real parameters (named_parameters de-duplicates nnU-Net's aliased modules)."""
+    return sum(p.numel() for p in net.parameters())
+
+
+def real_state_dict(net: nn.Module) -> dict[str, torch.Tensor]:
+    """Parameters and buffers, each once (nnU-Net's state_dict lists aliased modules several times,
+    e.g. `decoder.encoder.*` and `convs.0.all_modules.0` = `convs.0.conv`)."""
+    out = dict(net.named_parameters())
+    out.update(net.named_buffers())
+    return out
+
+
+def load_real_state_dict(net: nn.Module, state: dict[str, torch.Tensor]) -> nn.Module:
+    """Load a `real_state_dict` (aliases share storage, so they follow)."""
+    missing, unexpected = net.load_state_dict(state, strict=False)
+    real = real_state_dict(net)
+    lost = [k for k in missing if k in real]
+    if lost or unexpected:
+        raise ModelError(f"state does not fit the network (missing {lost[:2]}, unexpected {unexpected[:2]})")
+    return net
+
+
+def check_state_dict(spec: ArchSpec, state: dict[str, torch.Tensor], source: str = "checkpoint") -> None:
+    """Raise a one-line ModelError if `state` does not fit the network `spec` builds, or has NaN/inf.
+
+    `state` may be a full nnU-Net state_dict (aliases included) or a `real_state_dict`."""
+    net = build_network(spec)
+    full = net.state_dict()
+    ref = real_state_dict(net)
+    state = {k: v for k, v in state.items() if k in ref or k not in full}
+    missing = [k for k in ref if k not in state]
+    unexpected = [k for k in state if k not in ref]
+    wrong = [k for k in ref if k in state and tuple(state[k].shape) != tuple(ref[k].shape)]
+    if missing or unexpected or wrong:
+        detail = (
+            f"missing {missing[:2]}" if missing else f"unexpected {unexpected[:2]}" if unexpected
+            else f"shape of {wrong[0]} is {tuple(state[wrong[0]].shape)}, expected {tuple(ref[wrong[0]].shape)}"
+        )
+        raise ModelError(
+            f"weights do not match the model's architecture ({detail})",
+            "the checkpoint belongs to another architecture; use the model folder it was saved with",
+            source,
+        )
+    bad = [k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if bad:
+        raise ModelError(f"weights contain NaN or inf (first: {bad[0]})", "retrain or use an earlier checkpoint", source)
