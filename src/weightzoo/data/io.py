@@ -60,7 +60,11 @@ def _load_nifti(path: Path) -> Any:
         img = nib.load(str(path))
         img.get_fdata(dtype=np.float32)  # force a read: truncated files fail here, not later
     except Exception as e:  # nibabel raises many types for a bad file
-        raise InputError(f"cannot read NIfTI ({type(e).__name__}: {e})", "check that the file is a valid .nii/.nii.gz", path) from None
+        raise InputError(
+            f"cannot read NIfTI ({type(e).__name__}: {e})",
+            "check that the file is a valid .nii/.nii.gz",
+            path,
+        ) from None
     return img
 
 
@@ -72,7 +76,11 @@ def read_image(path: str | Path) -> Image:
 
         img = _load_nifti(p)
         if len(img.shape) > 3 and any(s > 1 for s in img.shape[3:]):
-            raise InputError(f"4-D NIfTI of shape {img.shape}", "split it into one 3-D file per channel (nnU-Net _0000, _0001, ...)", p)
+            raise InputError(
+                f"4-D NIfTI of shape {img.shape}",
+                "split it into one 3-D file per channel (nnU-Net _0000, _0001, ...)",
+                p,
+            )
         canon = nib.as_closest_canonical(img)
         arr = np.asarray(canon.get_fdata(dtype=np.float32)).reshape(canon.shape[:3])
         spacing = tuple(float(z) for z in canon.header.get_zooms()[:3])
@@ -83,7 +91,9 @@ def read_image(path: str | Path) -> Image:
 def _read_2d(p: Path) -> np.ndarray:
     end = file_ending(p)
     if end not in IMAGE2D_ENDINGS:
-        raise InputError(f"unsupported file type '{end}'", f"use NIfTI or one of {', '.join(IMAGE2D_ENDINGS)}", p)
+        raise InputError(
+            f"unsupported file type '{end}'", f"use NIfTI or one of {', '.join(IMAGE2D_ENDINGS)}", p
+        )
     try:
         if end in (".tif", ".tiff"):
             import tifffile
@@ -93,11 +103,16 @@ def _read_2d(p: Path) -> np.ndarray:
             from PIL import Image as PILImage
 
             with PILImage.open(p) as im:
-                if im.mode in ("P", "CMYK", "LA", "RGBA", "I;16", "YCbCr"):
-                    im = im.convert("RGB" if im.mode in ("P", "CMYK", "RGBA", "YCbCr") else "L")
-                arr = np.asarray(im)
+                if im.mode.startswith("I;16"):  # 16-bit gray: keep the full range
+                    arr = np.asarray(im, dtype=np.uint16 if im.mode != "I;16S" else np.int16)
+                else:
+                    if im.mode in ("P", "CMYK", "LA", "RGBA", "YCbCr"):
+                        im = im.convert("RGB" if im.mode != "LA" else "L")
+                    arr = np.asarray(im)
     except Exception as e:
-        raise InputError(f"cannot read image ({type(e).__name__}: {e})", "check the file is a valid image", p) from None
+        raise InputError(
+            f"cannot read image ({type(e).__name__}: {e})", "check the file is a valid image", p
+        ) from None
     if arr.ndim == 2:
         arr = arr[None]
     elif arr.ndim == 3 and arr.shape[-1] in (1, 3, 4):
@@ -115,7 +130,9 @@ def read_mask(path: str | Path, like: Image | None = None) -> np.ndarray:
     if not np.allclose(arr, np.round(arr)):
         raise InputError("mask has non-integer values", "masks must hold integer labels (0 = background)", p)
     if arr.min() < 0 or arr.max() > 255:
-        raise InputError(f"mask values outside 0..255 ({arr.min()}..{arr.max()})", "store labels as 0..255", p)
+        raise InputError(
+            f"mask values outside 0..255 ({arr.min()}..{arr.max()})", "store labels as 0..255", p
+        )
     if like is not None:
         check_same_grid(like, m, p)
     return np.round(arr).astype(np.uint8)
@@ -129,7 +146,11 @@ def check_same_grid(image: Image, other: Image, other_path: str | Path) -> None:
             "resample the mask onto the image grid (e.g. sct_register_multimodal or nnU-Net's resampling)",
             other_path,
         )
-    if image.affine is not None and other.affine is not None and not np.allclose(image.affine, other.affine, atol=AFFINE_TOL):
+    if (
+        image.affine is not None
+        and other.affine is not None
+        and not np.allclose(image.affine, other.affine, atol=AFFINE_TOL)
+    ):
         raise InputError(
             f"affine differs from its image {image.path.name}",
             "the mask is in another space: resample it onto the image (same affine and shape)",
@@ -166,7 +187,9 @@ def write_like(path: str | Path, array: np.ndarray, ref: Image, dtype: Any = np.
         img.set_qform(ref._nifti.get_qform(), code=int(ref._nifti.header["qform_code"]))
         img.set_sform(ref._nifti.get_sform(), code=int(ref._nifti.header["sform_code"]))
         if not (out.name.endswith(".nii") or out.name.endswith(".nii.gz")):
-            raise InputError("output of a NIfTI input must be .nii or .nii.gz", "name the output e.g. out.nii.gz", out)
+            raise InputError(
+                "output of a NIfTI input must be .nii or .nii.gz", "name the output e.g. out.nii.gz", out
+            )
         nib.save(img, str(out))
         return out
     write_2d(out, arr)
@@ -194,7 +217,9 @@ def write_2d(path: str | Path, arr: np.ndarray) -> Path:
     return out
 
 
-def save_nifti(path: str | Path, array: np.ndarray, affine: np.ndarray | None = None, dtype: Any = None) -> Path:
+def save_nifti(
+    path: str | Path, array: np.ndarray, affine: np.ndarray | None = None, dtype: Any = None
+) -> Path:
     """Write a plain NIfTI (used by importers and the phantom generator)."""
     import nibabel as nib
 

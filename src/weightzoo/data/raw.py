@@ -52,11 +52,19 @@ class RawDataset:
     def open(cls, root: str | Path) -> RawDataset:
         root = Path(root)
         if not root.is_dir():
-            raise InputError("dataset folder not found", "give an nnU-Net raw folder DatasetXXX_Name (see `weightzoo data --help`)", root)
+            raise InputError(
+                "dataset folder not found",
+                "give an nnU-Net raw folder DatasetXXX_Name (see `weightzoo data --help`)",
+                root,
+            )
         meta = read_json(root / "dataset.json", "dataset.json")
         for key in ("channel_names", "labels", "file_ending"):
             if key not in meta:
-                raise InputError(f"dataset.json lacks '{key}'", "it must follow nnU-Net v2's dataset.json format", root / "dataset.json")
+                raise InputError(
+                    f"dataset.json lacks '{key}'",
+                    "it must follow nnU-Net v2's dataset.json format",
+                    root / "dataset.json",
+                )
         return cls(root, meta)
 
     # ---- metadata -------------------------------------------------------------------------------
@@ -81,7 +89,10 @@ class RawDataset:
 
     @property
     def tasks(self) -> dict[str, list[int]]:
-        return {k: [int(v) for v in vs] for k, vs in self.meta.get("tasks", tasks_from_labels(self.meta["labels"])).items()}
+        return {
+            k: [int(v) for v in vs]
+            for k, vs in self.meta.get("tasks", tasks_from_labels(self.meta["labels"])).items()
+        }
 
     def task_labels(self, task: str) -> list[int]:
         tasks = self.tasks
@@ -93,9 +104,15 @@ class RawDataset:
         """Case identifiers, from labelsTr (sorted)."""
         labels_dir = self.root / "labelsTr"
         if not labels_dir.is_dir():
-            raise InputError("labelsTr/ is missing", "an nnU-Net raw dataset needs imagesTr/ and labelsTr/", self.root)
+            raise InputError(
+                "labelsTr/ is missing", "an nnU-Net raw dataset needs imagesTr/ and labelsTr/", self.root
+            )
         end = self.file_ending
-        return sorted(p.name[: -len(end)] for p in labels_dir.iterdir() if p.name.endswith(end) and not p.name.startswith("."))
+        return sorted(
+            p.name[: -len(end)]
+            for p in labels_dir.iterdir()
+            if p.name.endswith(end) and not p.name.startswith(".")
+        )
 
     def site(self, case: str) -> str:
         return str(self.meta.get("sites", {}).get(case, "default"))
@@ -112,10 +129,16 @@ class RawDataset:
         return site
 
     def image_files(self, case: str) -> list[Path]:
-        files = [self.root / "imagesTr" / f"{case}_{i:04d}{self.file_ending}" for i in range(self.n_files_per_case)]
+        files = [
+            self.root / "imagesTr" / f"{case}_{i:04d}{self.file_ending}" for i in range(self.n_files_per_case)
+        ]
         for f in files:
             if not f.exists():
-                raise InputError("image file of a labelled case is missing", f"add it or remove labelsTr/{case}{self.file_ending}", f)
+                raise InputError(
+                    "image file of a labelled case is missing",
+                    f"add it or remove labelsTr/{case}{self.file_ending}",
+                    f,
+                )
         return files
 
     def label_file(self, case: str) -> Path:
@@ -129,7 +152,9 @@ class RawDataset:
             write_splits(self, make_splits(self, seed=0))
         s = read_json(path, SPLITS_FILE)
         if not all(k in s for k in SPLIT_NAMES):
-            raise InputError(f"{SPLITS_FILE} lacks one of {SPLIT_NAMES}", f"delete it to re-create the default split", path)
+            raise InputError(
+                f"{SPLITS_FILE} lacks one of {SPLIT_NAMES}", "delete it to re-create the default split", path
+            )
         return {k: list(s[k]) for k in SPLIT_NAMES}
 
     def cases_in(self, split: str | None = None, sites: Iterable[str] | None = None) -> list[str]:
@@ -146,7 +171,9 @@ class RawDataset:
         return cases
 
 
-def make_splits(ds: RawDataset, seed: int = 0, fractions: Sequence[float] = (0.6, 0.2, 0.2)) -> dict[str, Any]:
+def make_splits(
+    ds: RawDataset, seed: int = 0, fractions: Sequence[float] = (0.6, 0.2, 0.2)
+) -> dict[str, Any]:
     """Split subjects (never cases) into train/val/test, separately within each site.
 
     Each site with ≥ 3 subjects gets at least one subject in every split, so per-site test
@@ -159,10 +186,21 @@ def make_splits(ds: RawDataset, seed: int = 0, fractions: Sequence[float] = (0.6
     for site, subs in by_site.items():
         for s in subs:
             if s in seen and seen[s] != site:
-                raise InputError(f"subject {s} appears in sites {seen[s]} and {site}", "a subject must belong to one site", ds.root)
+                raise InputError(
+                    f"subject {s} appears in sites {seen[s]} and {site}",
+                    "a subject must belong to one site",
+                    ds.root,
+                )
             seen[s] = site
     rng = random.Random(seed)
-    out: dict[str, Any] = {"by": "subject", "seed": seed, "fractions": list(fractions), "train": [], "val": [], "test": []}
+    out: dict[str, Any] = {
+        "by": "subject",
+        "seed": seed,
+        "fractions": list(fractions),
+        "train": [],
+        "val": [],
+        "test": [],
+    }
     for site in sorted(by_site):
         subs = sorted(by_site[site])
         rng.shuffle(subs)
@@ -202,7 +240,9 @@ class RawDatasetWriter:
         extra: dict[str, Any] | None = None,
     ):
         if not re.fullmatch(r"[A-Za-z0-9_\-]+", name):
-            raise InputError(f"dataset name {name!r} has characters nnU-Net does not allow", "use letters, digits, _ and -")
+            raise InputError(
+                f"dataset name {name!r} has characters nnU-Net does not allow", "use letters, digits, _ and -"
+            )
         if not 1 <= dataset_id <= 999:
             raise InputError(f"dataset id {dataset_id} outside 1..999", "nnU-Net ids have three digits")
         self.root = Path(parent) / f"Dataset{dataset_id:03d}_{name}"
@@ -231,7 +271,7 @@ class RawDatasetWriter:
         subject: str | None = None,
         affine: np.ndarray | None = None,
     ) -> None:
-        """Add one case: `images` one array per file (3-D volume, or 2-D [H,W]/[H,W,3] for PNG)."""
+        """Add one case: `images` one array per file (3-D volume, or 2-D [H,W] / channel-first [3,H,W] for PNG)."""
         from weightzoo.data.io import save_nifti, write_2d
 
         end = self.meta["file_ending"]

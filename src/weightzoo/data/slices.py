@@ -41,7 +41,12 @@ class Preprocessing:
         unknown = set(d) - {"normalization", "size", "axis", "channels"}
         if unknown:
             raise InputError(f"unknown preprocessing keys {sorted(unknown)}", "remove them from model.json")
-        return cls(d.get("normalization", "zscore"), tuple(d.get("size", (64, 64))), int(d.get("axis", 2)), int(d.get("channels", 1)))
+        return cls(
+            d.get("normalization", "zscore"),
+            tuple(d.get("size", (64, 64))),
+            int(d.get("axis", 2)),
+            int(d.get("channels", 1)),
+        )
 
 
 def normalize_case(array: np.ndarray, method: str) -> np.ndarray:
@@ -108,7 +113,13 @@ class SliceSet:
 
     def select(self, idx: Sequence[int] | np.ndarray) -> SliceSet:
         idx = np.asarray(idx, dtype=int)
-        return SliceSet(self.images[idx], self.labels[idx], list(self.tasks), [self.meta[i] for i in idx], self.preprocessing)
+        return SliceSet(
+            self.images[idx],
+            self.labels[idx],
+            list(self.tasks),
+            [self.meta[i] for i in idx],
+            self.preprocessing,
+        )
 
     def where(self, **kv: Any) -> SliceSet:
         """Slices whose meta matches all of kv, e.g. `where(site="A")`."""
@@ -150,7 +161,11 @@ def load_slices(
     task_vals = [ds.task_labels(t) for t in tasks]
     chosen = list(cases) if cases is not None else ds.cases_in(split, sites)
     if not chosen:
-        raise InputError(f"no cases in split={split} sites={list(sites) if sites else 'all'}", "check the dataset's splits and sites", ds.root)
+        raise InputError(
+            f"no cases in split={split} sites={list(sites) if sites else 'all'}",
+            "check the dataset's splits and sites",
+            ds.root,
+        )
     imgs, labs, meta = [], [], []
     for case in chosen:
         image, label = load_case(ds, case)
