@@ -1,0 +1,113 @@
+"""`weightzoo evaluate`: score a model folder on a dataset split, write summary.json, print a table.
+
+    weightzoo evaluate --model runs/cord --dataset data/Dataset501_Phantom --split test [--site A]...
+
+The summary (nnU-Net-style, see `weightzoo.evaluate.summary`) goes to MODEL/eval_<split>/summary.json
+unless --out names a .json file or a folder.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import typer
+from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
+
+from weightzoo.data.raw import SPLIT_NAMES, RawDataset
+from weightzoo.errors import UnknownNameError
+from weightzoo.evaluate.summary import evaluate_segmenter, summary_line, write_summary
+from weightzoo.segmenter import MODEL_JSON, load_model
+
+
+def summary_path(model_dir: Path, split: str, out: Path | None) -> Path:
+    """Where summary.json goes: --out FILE.json, --out DIR/summary.json, else MODEL/eval_<split>/."""
+    if out is None:
+        return Path(model_dir) / f"eval_{split}" / "summary.json"
+    return out if out.suffix.lower() == ".json" else out / "summary.json"
+
+
+def summary_table(summary: dict[str, Any]) -> Table:
+    """Rich table: one row per task and site (then all sites), Dice and HD95 as mean ± sd."""
+    unit = summary.get("hd95_unit", "px")
+    where = f"{summary.get('dataset', '?')} ({summary.get('split', '?')}, {summary['n_cases']} cases)"
+    table = Table(title=escape(f"{summary['model']} on {where}"))
+    for col, justify in (
+        ("task", "left"),
+        ("site", "left"),
+        ("cases", "right"),
+        ("Dice", "right"),
+        (f"HD95 ({unit})", "right"),
+    ):
+        table.add_column(col, justify=justify)  # type: ignore[arg-type]
+    sites = list(summary["per_site"])
+    for task in summary["tasks"]:
+        for site in sites:
+            n = summary["per_site_n_cases"][site]
+            table.add_row(
+                escape(task),
+                escape(site),
+                str(n),
+                summary_line(summary, task, "Dice", site),
+                summary_line(summary, task, "HD95", site),
+            )
+        if len(sites) > 1 or not sites:
+            table.add_row(
+                escape(task),
+                "[bold]all[/]",
+                str(summary["n_cases"]),
+                f"[bold]{summary_line(summary, task, 'Dice')}[/]",
+                summary_line(summary, task, "HD95"),
+            )
+    return table
+
+
+def register(app: typer.Typer) -> None:
+    @app.command("evaluate")
+    def evaluate(
+        model: Path = typer.Option(
+            ..., "-m", "--model", help="Model folder (model.json + model.safetensors)."
+        ),
+        dataset: Path = typer.Option(
+            ..., "-d", "--dataset", help="nnU-Net raw dataset folder DatasetXXX_Name."
+        ),
+        split: str = typer.Option("test", "--split", help="train | val | test | all."),
+        site: list[str] | None = typer.Option(
+            None, "--site", help="Only these sites; repeatable (default: all)."
+        ),
+        task: list[str] | None = typer.Option(
+            None, "--task", help="Only these tasks (default: all the model's)."
+        ),
+        thr: float = typer.Option(0.5, "-thr", "--threshold", help="Binarisation threshold in (0, 1)."),
+        out: Path | None = typer.Option(
+            None, "-o", "--out", help="summary .json file or folder (default: MODEL/eval_SPLIT/)."
+        ),
+        device: str = typer.Option("auto", "--device", help="auto | cpu | cuda."),
+    ) -> None:
+        """Evaluate a model per case (Dice, IoU, HD95; nnU-Net rules) and write summary.json."""
+        if split not in (*SPLIT_NAMES, "all"):
+            raise UnknownNameError("split", split, [*SPLIT_NAMES, "all"])
+        seg = load_model(model, device=device)
+        for t in task or []:
+            if t not in seg.tasks:
+                raise UnknownNameError("task", t, seg.tasks, Path(model) / MODEL_JSON)
+        ds = RawDataset.open(dataset)
+        for s in site or []:
+            ds.check_site(s)
+        err = Console(stderr=True)
+        with err.status("evaluating…") as status:
+            summary = evaluate_segmenter(
+                seg,
+                ds,
+                split=None if split == "all" else split,
+                sites=site or None,
+                tasks=task or None,
+                threshold=thr,
+                on_case=lambda i, n, case: status.update(f"evaluating {case} ({i}/{n})"),
+            )
+        path = write_summary(summary, summary_path(model, split, out))
+        console = Console()
+        console.print(summary_table(summary))
+        console.print(f"[green]wrote[/] {escape(str(path))}", highlight=False, soft_wrap=True)

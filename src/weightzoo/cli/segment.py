@@ -1,0 +1,148 @@
+"""`weightzoo segment`: segment one image with a model folder, in the spirit of `sct_deepseg -i IMAGE`.
+
+    weightzoo segment -i t2.nii.gz -m runs/cord -o t2_seg.nii.gz [-thr 0.5] [--largest] [--qc qc/]
+
+NIfTI input: segmented slice by slice along the model's axis; the output has exactly the input's
+shape, affine, header and on-disk orientation. 2-D input (PNG/BMP/TIFF): a PNG (or BMP/TIFF) mask.
+Masks hold 0/1 (the nnU-Net label convention; use --qc for a picture). `-thr 0` writes the sigmoid
+probabilities instead: float32 NIfTI, or for 2-D a PNG scaled 0..255 / a float32 TIFF (name it .tif).
+Multi-task models: `--task T` writes that task only; without it, one file per task, named OUT with
+`_TASK` inserted before the extension (out.nii.gz -> out_cord.nii.gz, out_lesion.nii.gz).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import typer
+from rich.console import Console
+from rich.markup import escape
+
+from weightzoo.data.io import NIFTI_ENDINGS, Image, file_ending, read_image, write_like
+from weightzoo.errors import InputError, UnknownNameError
+from weightzoo.postprocess import largest_component, threshold
+from weightzoo.segmenter import MODEL_JSON, load_model, segment_image
+
+OUT_2D_ENDINGS = (".png", ".bmp", ".tif", ".tiff")
+
+
+def default_output(image_path: Path) -> Path:
+    """SCT-style default: IMAGE_seg.EXT beside the input (.png for 2-D inputs)."""
+    end = file_ending(image_path)
+    stem = image_path.name[: -len(end)] if end else image_path.name
+    return image_path.with_name(f"{stem}_seg{end if end in NIFTI_ENDINGS else '.png'}")
+
+
+def output_paths(out: Path, tasks: list[str], one_file: bool) -> dict[str, Path]:
+    """{task: path}: `out` itself for one task, else `out` with `_TASK` before its extension."""
+    if one_file:
+        return {tasks[0]: out}
+    end = file_ending(out)
+    stem = out.name[: -len(end)] if end and out.name.lower().endswith(end) else out.name
+    return {t: out.with_name(f"{stem}_{t}{out.name[len(stem) :]}") for t in tasks}
+
+
+def _check_output(out: Path, image: Image) -> None:
+    allowed = NIFTI_ENDINGS if image.is_volume else OUT_2D_ENDINGS
+    if file_ending(out) not in allowed:
+        kind = "a NIfTI" if image.is_volume else "a 2-D"
+        raise InputError(
+            f"output type '{file_ending(out)}' does not fit {kind} input",
+            f"name the output with one of {', '.join(allowed)}",
+            out,
+        )
+
+
+def segment_file(
+    image_path: Path,
+    model_dir: Path,
+    out: Path | None = None,
+    thr: float = 0.5,
+    largest: bool = False,
+    qc_dir: Path | None = None,
+    task: str | None = None,
+    device: str = "auto",
+) -> dict[str, Path]:
+    """Segment one image file; returns {task: written file}. See the module docstring."""
+    if largest and thr == 0:
+        raise InputError(
+            "--largest needs a binary mask, but -thr 0 asks for probabilities",
+            "give -thr > 0 (e.g. 0.5)",
+            image_path,
+        )
+    if thr != 0:
+        threshold(np.zeros(1), thr)  # reject a bad threshold before any work
+    image = read_image(image_path)
+    seg = load_model(model_dir, device=device)
+    if task is not None and task not in seg.tasks:
+        raise UnknownNameError("task", task, seg.tasks, Path(model_dir) / MODEL_JSON)
+    tasks = [task] if task is not None else list(seg.tasks)
+    out = out or default_output(Path(image_path))
+    paths = output_paths(out, tasks, one_file=task is not None or len(seg.tasks) == 1)
+    for p in paths.values():
+        _check_output(p, image)
+    probs = segment_image(seg, image)  # [K, *spatial] on the image grid (canonical for volumes)
+    for t, path in paths.items():
+        p = probs[seg.tasks.index(t)]
+        if thr == 0:
+            write_like(path, p.astype(np.float32), image, dtype=np.float32)
+            mask = p > 0.5
+        else:
+            mask = threshold(p, thr)
+            if largest:
+                mask = largest_component(mask)
+            write_like(path, mask, image, dtype=np.uint8)
+        if qc_dir is not None:
+            from weightzoo.qc import write_overlay
+
+            end = file_ending(path)
+            name = path.name[: -len(end)] if end else path.name
+            write_overlay(
+                Path(qc_dir) / f"{name}_qc.png",
+                image,
+                mask,
+                axis=seg.preprocessing.axis,
+                title=f"{image.path.name}: {t}",
+            )
+    return paths
+
+
+def register(app: typer.Typer) -> None:
+    @app.command("segment")
+    def segment(
+        image: Path = typer.Option(
+            ..., "-i", "--image", help="NIfTI volume (.nii/.nii.gz) or 2-D image (PNG/BMP/TIFF)."
+        ),
+        model: Path = typer.Option(
+            ..., "-m", "--model", help="Model folder (model.json + model.safetensors)."
+        ),
+        out: Path | None = typer.Option(
+            None, "-o", "--out", help="Output file (default: IMAGE_seg.nii.gz / IMAGE_seg.png)."
+        ),
+        thr: float = typer.Option(
+            0.5, "-thr", "--threshold", help="Binarisation threshold in (0, 1); 0 writes probabilities."
+        ),
+        largest: bool = typer.Option(
+            False, "--largest", help="Keep only the largest connected component (3-D for volumes)."
+        ),
+        qc: Path | None = typer.Option(None, "--qc", help="Folder for a QC overlay PNG."),
+        task: str | None = typer.Option(
+            None, "--task", help="Task (output channel) of a multi-task model (default: all, one file each)."
+        ),
+        device: str = typer.Option("auto", "--device", help="auto | cpu | cuda."),
+    ) -> None:
+        """Segment an image with a trained model; the mask lies exactly on the input's grid."""
+        written = segment_file(image, model, out, thr, largest, qc, task, device)
+        console = Console()
+        for t, p in written.items():
+            console.print(
+                f"[green]wrote[/] {escape(str(p))}  ({escape(t)}{', probabilities' if thr == 0 else ''})",
+                highlight=False,
+                soft_wrap=True,
+            )
+        if qc is not None:
+            console.print(f"[green]QC[/] overlay(s) in {escape(str(qc))}", highlight=False, soft_wrap=True)
+
+
+__all__ = ["default_output", "output_paths", "register", "segment_file"]
