@@ -32,7 +32,9 @@ class ModelError(WeightzooError):
 class UnknownNameError(WeightzooError):
     """An unknown task, site, preset or method; the message lists the known ones."""
 
-    def __init__(self, kind: str, name: str, known: list[str] | tuple[str, ...], path: str | Path | None = None):
+    def __init__(
+        self, kind: str, name: str, known: list[str] | tuple[str, ...], path: str | Path | None = None
+    ):
         known_s = ", ".join(sorted(map(str, known))) or "(none)"
         super().__init__(f"unknown {kind} '{name}'", f"choose one of: {known_s}", path)
 

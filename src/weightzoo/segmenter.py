@@ -87,7 +87,9 @@ class NetSegmenter:
         """[N, C, H, W] -> [N, K, H, W] probabilities; H, W padded to the net's divisor internally."""
         x = torch.as_tensor(np.asarray(images, dtype=np.float32))
         if x.ndim != 4 or x.shape[1] != self.spec.input_channels:
-            raise ModelError(f"input of shape {tuple(x.shape)}", f"expected [N, {self.spec.input_channels}, H, W]")
+            raise ModelError(
+                f"input of shape {tuple(x.shape)}", f"expected [N, {self.spec.input_channels}, H, W]"
+            )
         h, w = x.shape[-2:]
         d = self.spec.size_divisor
         ph, pw = (-h) % d, (-w) % d
@@ -95,7 +97,9 @@ class NetSegmenter:
         for i in range(0, len(x), self.batch_size):
             xb = x[i : i + self.batch_size].to(self.device)
             if ph or pw:
-                xb = torch.nn.functional.pad(xb, (0, pw, 0, ph), mode="reflect" if min(h, w) > max(ph, pw) else "constant")
+                xb = torch.nn.functional.pad(
+                    xb, (0, pw, 0, ph), mode="reflect" if min(h, w) > max(ph, pw) else "constant"
+                )
             out.append(torch.sigmoid(self.net(xb).float())[..., :h, :w].cpu())
         return torch.cat(out).numpy()
 
@@ -141,10 +145,16 @@ def save_model(
 def read_model_json(folder: str | Path) -> dict[str, Any]:
     folder = Path(folder)
     if not folder.is_dir():
-        raise ModelError("model folder not found", "give the folder written by `weightzoo train` (-m runs/NAME)", folder)
+        raise ModelError(
+            "model folder not found", "give the folder written by `weightzoo train` (-m runs/NAME)", folder
+        )
     meta = read_json(folder / MODEL_JSON, "model.json")
     if meta.get("format") != MODEL_FORMAT:
-        raise ModelError("model.json is not a weightzoo model description", "use a folder written by `weightzoo train`", folder / MODEL_JSON)
+        raise ModelError(
+            "model.json is not a weightzoo model description",
+            "use a folder written by `weightzoo train`",
+            folder / MODEL_JSON,
+        )
     return meta
 
 
@@ -156,17 +166,28 @@ def load_model(folder: str | Path, device: str = "auto") -> NetSegmenter:
     spec = ArchSpec.from_dict(meta["arch"])
     wpath = folder / MODEL_WEIGHTS
     if not wpath.exists():
-        raise ModelError("model weights are missing", f"the folder needs {MODEL_WEIGHTS}; re-run training or copy it", wpath)
+        raise ModelError(
+            "model weights are missing",
+            f"the folder needs {MODEL_WEIGHTS}; re-run training or copy it",
+            wpath,
+        )
     try:
         state = load_file(str(wpath))
     except (SafetensorError, OSError, ValueError) as e:
-        raise ModelError(f"cannot read weights ({e})", "the file is corrupt; re-run training or restore it", wpath) from None
+        raise ModelError(
+            f"cannot read weights ({e})", "the file is corrupt; re-run training or restore it", wpath
+        ) from None
     check_state_dict(spec, state, str(wpath))
     net = load_real_state_dict(build_network(spec), state)
     prep = Preprocessing.from_dict(meta["preprocessing"])
     return NetSegmenter(
-        net, spec, meta["tasks"], prep, name=folder.name,
-        seconds_to_build=float(meta.get("seconds_to_build", time.perf_counter() - t0)), device=resolve_device(device),
+        net,
+        spec,
+        meta["tasks"],
+        prep,
+        name=folder.name,
+        seconds_to_build=float(meta.get("seconds_to_build", time.perf_counter() - t0)),
+        device=resolve_device(device),
     )
 
 
@@ -178,9 +199,12 @@ def segment_image(seg: Segmenter, image: Image) -> np.ndarray:
 
         raise InputError(
             f"image has {image.array.shape[0]} channel(s), the model expects {prep.channels}",
-            "give an image of the modality the model was trained on", image.path,
+            "give an image of the modality the model was trained on",
+            image.path,
         )
-    x = case_slices(normalize_case(image.array, prep.normalization), prep.axis, image.is_volume)  # [S, C, h, w]
+    x = case_slices(
+        normalize_case(image.array, prep.normalization), prep.axis, image.is_volume
+    )  # [S, C, h, w]
     h, w = x.shape[-2:]
     probs = seg.predict_batch(resize(x, prep.size).numpy())  # [S, K, H, W]
     probs = resize(probs, (h, w)).clamp_(0, 1).numpy()  # back to the slice grid

@@ -83,7 +83,9 @@ class ArchSpec:
 
     # ---- construction -------------------------------------------------------------------------
     @classmethod
-    def preset(cls, name: str, input_channels: int = 1, num_classes: int = 1, dropout: float = 0.0) -> ArchSpec:
+    def preset(
+        cls, name: str, input_channels: int = 1, num_classes: int = 1, dropout: float = 0.0
+    ) -> ArchSpec:
         """A named preset (`tiny`, `small`, `default`); `dropout` > 0 adds spatial (channel) dropout."""
         if name not in PRESETS:
             raise UnknownNameError("preset", name, list(PRESETS))
@@ -136,7 +138,9 @@ class ArchSpec:
         return d
 
     def with_classes(self, num_classes: int) -> ArchSpec:
-        return ArchSpec(copy.deepcopy(self.arch_kwargs), self.input_channels, num_classes, self.network_class_name)
+        return ArchSpec(
+            copy.deepcopy(self.arch_kwargs), self.input_channels, num_classes, self.network_class_name
+        )
 
 
 def _resolve_ops(kwargs: dict[str, Any]) -> dict[str, Any]:
@@ -176,7 +180,9 @@ def build_network(spec: ArchSpec, seed: int | None = None) -> nn.Module:
     with fork:
         if seed is not None:
             torch.manual_seed(seed)
-        net = PlainConvUNet(spec.input_channels, num_classes=spec.num_classes, deep_supervision=False, **kwargs)
+        net = PlainConvUNet(
+            spec.input_channels, num_classes=spec.num_classes, deep_supervision=False, **kwargs
+        )
         net.apply(PlainConvUNet.initialize)
     return net
 
@@ -225,7 +231,10 @@ def check_state_dict(spec: ArchSpec, state: dict[str, torch.Tensor], source: str
     wrong = [k for k in ref if k in state and tuple(state[k].shape) != tuple(ref[k].shape)]
     if missing or unexpected or wrong:
         detail = (
-            f"missing {missing[:2]}" if missing else f"unexpected {unexpected[:2]}" if unexpected
+            f"missing {missing[:2]}"
+            if missing
+            else f"unexpected {unexpected[:2]}"
+            if unexpected
             else f"shape of {wrong[0]} is {tuple(state[wrong[0]].shape)}, expected {tuple(ref[wrong[0]].shape)}"
         )
         raise ModelError(
@@ -235,4 +244,6 @@ def check_state_dict(spec: ArchSpec, state: dict[str, torch.Tensor], source: str
         )
     bad = [k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()]
     if bad:
-        raise ModelError(f"weights contain NaN or inf (first: {bad[0]})", "retrain or use an earlier checkpoint", source)
+        raise ModelError(
+            f"weights contain NaN or inf (first: {bad[0]})", "retrain or use an earlier checkpoint", source
+        )
