@@ -32,11 +32,18 @@ def _root(
     _state["debug"] = debug
 
 
-def _register() -> None:
-    from weightzoo.cli import data, demo, evaluate, segment, train
+# Command modules, in --help order. Each defines `register(app)`. A module that is not installed
+# (a route still being built) is skipped; an import error inside one is raised, never hidden.
+COMMAND_MODULES = ("data", "train", "evaluate", "segment", "zoo", "generate", "heads", "incontext", "demo")
 
-    for module in (data, train, evaluate, segment, demo):
-        module.register(app)
+
+def _register() -> None:
+    import importlib
+    import importlib.util
+
+    for name in COMMAND_MODULES:
+        if importlib.util.find_spec(f"weightzoo.cli.{name}") is not None:
+            importlib.import_module(f"weightzoo.cli.{name}").register(app)
 
 
 _register()

@@ -1,0 +1,181 @@
+"""The training config: every key that defines a run, checked on load (unknown keys are errors)."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any
+
+from weightzoo.data.slices import NORMALIZATIONS
+from weightzoo.errors import InputError, UnknownNameError
+from weightzoo.fileio import read_json
+from weightzoo.nets.unet import PRESETS, ArchSpec
+
+OPTIMIZERS = ("sgd", "adam")
+DEFAULT_LR = {"sgd": 1e-2, "adam": 1e-3}
+# Keys that change neither the weights nor the recipe: a run may be resumed with other values.
+RUN_ONLY_KEYS = ("device", "val_every", "checkpoint_every", "deterministic")
+
+
+@dataclass
+class TrainConfig:
+    """Everything that defines a training run. `from_dict` rejects unknown keys."""
+
+    tasks: list[str]
+    preset: str = "small"
+    steps: int = 1000  # iterations (batches), not epochs
+    batch_size: int = 16
+    optimizer: str = "sgd"  # sgd (nnU-Net) | adam
+    lr: float | None = None  # None: 1e-2 for sgd, 1e-3 for adam
+    weight_decay: float = 3e-5
+    augment: float = 1.0  # augmentation strength in [0, 1]; 0 = off
+    seed: int = 0
+    device: str = "auto"  # auto | cpu | cuda[:i]
+    dropout: float = 0.0
+    val_every: int = 50  # steps between validations (and log entries); the last step is always validated
+    checkpoint_every: int = 50
+    size: tuple[int, int] = (64, 64)
+    normalization: str = "zscore"
+    axis: int = 2  # canonical axis volumes are sliced along
+    foreground_oversample: float = 0.33  # fraction of each batch drawn from slices with foreground
+    grad_clip: float = 12.0
+    amp: bool = True  # bf16 autocast, on CUDA only
+    channels_last: bool = False
+    deterministic: bool = True  # on CUDA: deterministic cuDNN kernels (CPU kernels already are)
+
+    def __post_init__(self) -> None:
+        self._check()
+
+    def _check(self, source: str | Path | None = None) -> None:
+        def bad(what: str, fix: str) -> InputError:
+            return InputError(what, fix, source)
+
+        if isinstance(self.tasks, str):
+            self.tasks = [t.strip() for t in self.tasks.split(",") if t.strip()]
+        self.tasks = [str(t) for t in self.tasks]
+        if not self.tasks or len(set(self.tasks)) != len(self.tasks):
+            raise bad(
+                f"tasks must be a non-empty list of distinct names, got {self.tasks}",
+                "e.g. tasks: [cord, gm]",
+            )
+        if self.preset not in PRESETS:
+            raise UnknownNameError("preset", self.preset, list(PRESETS), source)
+        if self.optimizer not in OPTIMIZERS:
+            raise UnknownNameError("optimizer", self.optimizer, OPTIMIZERS, source)
+        if self.normalization not in NORMALIZATIONS:
+            raise UnknownNameError("normalization", self.normalization, NORMALIZATIONS, source)
+        try:
+            for name in ("steps", "batch_size", "seed", "val_every", "checkpoint_every", "axis"):
+                setattr(self, name, int(getattr(self, name)))
+            for name in ("weight_decay", "augment", "dropout", "foreground_oversample", "grad_clip"):
+                setattr(self, name, float(getattr(self, name)))
+            self.lr = None if self.lr is None else float(self.lr)
+            self.size = (int(self.size[0]), int(self.size[1]))
+        except (TypeError, ValueError, IndexError) as e:
+            raise bad(
+                f"config value of the wrong type ({e})", "numbers for numeric keys, size as [H, W]"
+            ) from None
+        for name in ("amp", "channels_last", "deterministic"):
+            if not isinstance(getattr(self, name), bool):
+                raise bad(
+                    f"{name} must be true or false, got {getattr(self, name)!r}", f"set {name}: true or false"
+                )
+        checks = [
+            (self.steps >= 1, "steps must be >= 1"),
+            (self.batch_size >= 1, "batch_size must be >= 1"),
+            (self.seed >= 0, "seed must be >= 0"),
+            (self.lr is None or self.lr > 0, "lr must be > 0"),
+            (self.weight_decay >= 0, "weight_decay must be >= 0"),
+            (0.0 <= self.augment <= 1.0, "augment (strength) must be in [0, 1]"),
+            (0.0 <= self.dropout < 1.0, "dropout must be in [0, 1)"),
+            (0.0 <= self.foreground_oversample <= 1.0, "foreground_oversample must be in [0, 1]"),
+            (
+                self.val_every >= 1 and self.checkpoint_every >= 1,
+                "val_every and checkpoint_every must be >= 1",
+            ),
+            (self.axis in (0, 1, 2), "axis must be 0, 1 or 2"),
+            (self.grad_clip >= 0, "grad_clip must be >= 0 (0 = off)"),
+        ]
+        for ok, what in checks:
+            if not ok:
+                raise bad(what, "fix the value in the config or on the command line")
+        div = ArchSpec.preset(self.preset).size_divisor
+        if self.size[0] < div or self.size[0] % div or self.size[1] < div or self.size[1] % div:
+            raise bad(
+                f"size {list(self.size)} is not a multiple of {div}",
+                f"preset '{self.preset}' needs multiples of {div}",
+            )
+
+    @property
+    def learning_rate(self) -> float:
+        return self.lr if self.lr is not None else DEFAULT_LR[self.optimizer]
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["size"] = list(self.size)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any], source: str | Path | None = None) -> TrainConfig:
+        """Build from a dict (a YAML/JSON config); unknown or missing keys are a one-line InputError."""
+        if not isinstance(d, dict):
+            raise InputError(
+                f"a training config must be a mapping, got {type(d).__name__}",
+                "write key: value pairs",
+                source,
+            )
+        known = [f.name for f in fields(cls)]
+        unknown = sorted(set(d) - set(known))
+        if unknown:
+            raise InputError(
+                f"unknown training config key(s) {unknown}", f"known keys: {', '.join(known)}", source
+            )
+        if "tasks" not in d:
+            raise InputError(
+                "the training config has no 'tasks'", "add tasks: [TASK, ...] or pass --task", source
+            )
+        cfg = cls.__new__(cls)
+        for f in fields(cls):
+            setattr(cfg, f.name, d.get(f.name, f.default))
+        cfg._check(source)
+        return cfg
+
+    @classmethod
+    def from_file(cls, path: str | Path, overrides: dict[str, Any] | None = None) -> TrainConfig:
+        """Read a .yaml/.yml/.json config; `overrides` (e.g. command-line options) win over the file."""
+        d = load_config_file(path)
+        d.update(overrides or {})
+        return cls.from_dict(d, source=path)
+
+    def identity(self) -> dict[str, Any]:
+        """The keys that define the trained weights (lr resolved), for comparing runs."""
+        d = self.to_dict()
+        d["lr"] = self.learning_rate
+        for k in RUN_ONLY_KEYS:
+            d.pop(k)
+        return d
+
+
+def load_config_file(path: str | Path) -> dict[str, Any]:
+    """A config file as a dict (YAML or JSON by extension), with one-line errors."""
+    p = Path(path)
+    if not p.is_file():
+        raise InputError("config file not found", "give a .yaml or .json training config", p)
+    if p.suffix.lower() == ".json":
+        d = read_json(p, "training config")
+    elif p.suffix.lower() in (".yaml", ".yml"):
+        import yaml
+
+        try:
+            d = yaml.safe_load(p.read_text())
+        except yaml.YAMLError as e:
+            raise InputError(
+                f"config is not valid YAML ({str(e).splitlines()[0]})", "fix the file", p
+            ) from None
+    else:
+        raise InputError(f"config of unknown type '{p.suffix}'", "use .yaml, .yml or .json", p)
+    if not isinstance(d, dict):
+        raise InputError(
+            "a training config must be a mapping of key: value", "see `weightzoo train --help`", p
+        )
+    return d

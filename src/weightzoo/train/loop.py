@@ -1,0 +1,540 @@
+"""One training run with nnU-Net's 2-D recipe, resumable bit-exactly after a kill at any moment.
+
+Recipe (nnU-Net v2 defaults, iterations instead of epochs): PlainConvUNet with one sigmoid output per
+task, Dice + BCE loss, SGD (Nesterov, momentum 0.99, lr 1e-2, weight decay 3e-5) or Adam (lr 1e-3),
+poly learning rate `lr·(1 - step/steps)^0.9`, gradient clipping at norm 12, on-the-fly augmentation,
+and a third of every batch drawn from slices that contain foreground.
+
+Reproducibility: the network is initialised from `seed`; the batch indices, the augmentation and the
+global torch RNG (dropout) are re-seeded at every step from (seed, step). A run therefore depends only
+on its config and its data, and resuming from a checkpoint gives the same weights (torch.equal on the
+CPU) as an uninterrupted run. The global RNG states (torch, numpy, python) are also saved and restored.
+
+Files in `out_dir`:
+  checkpoint_latest.safetensors/.json  resumable state (see weightzoo.train.checkpoint), while running
+  log.json                             history: step, train loss, val loss, val Dice per task, lr, seconds
+  model.json, model.safetensors        the finished model (weightzoo.segmenter); checkpoints are then removed
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import math
+import random
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from weightzoo.data.raw import RawDataset
+from weightzoo.data.slices import Preprocessing, SliceSet, load_slices
+from weightzoo.errors import InputError, ModelError
+from weightzoo.fileio import atomic_write_json, read_json
+from weightzoo.nets.unet import ArchSpec, build_network
+from weightzoo.segmenter import (
+    MODEL_JSON,
+    MODEL_WEIGHTS,
+    NetSegmenter,
+    read_model_json,
+    resolve_device,
+    save_model,
+)
+from weightzoo.train.augment import augment_batch
+from weightzoo.train.checkpoint import (
+    CKPT_FORMAT,
+    CKPT_JSON,
+    CKPT_WEIGHTS,
+    read_checkpoint,
+    restore_checkpoint,
+    save_checkpoint,
+)
+from weightzoo.train.config import DEFAULT_LR, OPTIMIZERS, RUN_ONLY_KEYS, TrainConfig, load_config_file
+from weightzoo.train.losses import DiceBCELoss, dice_counts, dice_from_counts
+
+__all__ = [
+    "CKPT_JSON",
+    "CKPT_WEIGHTS",
+    "DEFAULT_LR",
+    "LOG_JSON",
+    "OPTIMIZERS",
+    "RUN_ONLY_KEYS",
+    "TrainConfig",
+    "TrainResult",
+    "load_config_file",
+    "train_model",
+    "train_on_slices",
+]
+
+LOG_JSON = "log.json"
+_STREAM_DATA, _STREAM_AUGMENT, _STREAM_TORCH = 0, 1, 2
+
+
+@dataclass
+class TrainResult:
+    segmenter: NetSegmenter
+    history: list[dict[str, Any]]
+    seconds: float  # training wall-clock, summed over resumed calls
+    out_dir: Path
+    finished: bool = True  # False when stopped early by `stop_after`
+    skipped: bool = False  # True when out_dir already held this finished run
+    resumed_from: int = 0  # step the run resumed from (0 = fresh start)
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+# ---- small pieces shared with the throughput benchmark -----------------------------------------------
+def step_seed(seed: int, step: int, stream: int) -> int:
+    """A 64-bit seed from (seed, step, stream) alone: what makes resuming exact."""
+    return int(np.random.SeedSequence([seed, step, stream]).generate_state(1, np.uint64)[0])
+
+
+def step_generator(seed: int, step: int, stream: int) -> torch.Generator:
+    """A CPU generator seeded by `step_seed`."""
+    return torch.Generator().manual_seed(step_seed(seed, step, stream))
+
+
+def poly_lr(lr: float, step: int, steps: int, exponent: float = 0.9) -> float:
+    """nnU-Net's poly schedule, per iteration."""
+    return lr * (1 - step / steps) ** exponent
+
+
+def make_optimizer(net: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(
+            net.parameters(), cfg.learning_rate, momentum=0.99, nesterov=True, weight_decay=cfg.weight_decay
+        )
+    return torch.optim.Adam(net.parameters(), cfg.learning_rate, weight_decay=cfg.weight_decay)
+
+
+def autocast_dtype(cfg: TrainConfig, device: torch.device) -> torch.dtype | None:
+    return torch.bfloat16 if cfg.amp and device.type == "cuda" else None
+
+
+def train_step(
+    net: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    loss_fn: DiceBCELoss,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    amp_dtype: torch.dtype | None = None,
+    grad_clip: float = 12.0,
+) -> torch.Tensor:
+    """One forward + backward + optimizer step on x [B, C, H, W], y [B, K, H, W]; returns the loss."""
+    optimizer.zero_grad(set_to_none=True)
+    with torch.autocast(
+        device_type=x.device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None
+    ):
+        logits = net(x)
+    loss = loss_fn(logits, y)  # fp32
+    loss.backward()
+    if grad_clip > 0:
+        torch.nn.utils.clip_grad_norm_(net.parameters(), grad_clip)
+    optimizer.step()
+    return loss.detach()
+
+
+def sample_indices(
+    generator: torch.Generator, n: int, fg_by_task: list[torch.Tensor], batch_size: int, oversample: float
+) -> torch.Tensor:
+    """Batch indices into n slices: the last round(B·oversample) (as nnU-Net) from slices with
+    foreground of a uniformly chosen task (among tasks with any), the rest uniform; with replacement."""
+    n_fg = batch_size - round(batch_size * (1 - oversample))
+    pools = [p for p in fg_by_task if len(p)]
+    rand = torch.randint(n, (batch_size,), generator=generator)
+    pick_task = torch.randint(max(len(pools), 1), (n_fg,), generator=generator)
+    u = torch.rand(n_fg, generator=generator)
+    if not pools or n_fg == 0:
+        return rand
+    fg = torch.stack(
+        [pools[int(t)][int(float(v) * len(pools[int(t)]))] for t, v in zip(pick_task, u, strict=True)]
+    )
+    return torch.cat([rand[: batch_size - n_fg], fg])
+
+
+def format_dice(dice: dict[str, float | None]) -> str:
+    """'cord 0.951, gm n/a' for a history entry's val_dice (NaN/None: no foreground in val)."""
+    return ", ".join(f"{t} {'n/a' if d is None or math.isnan(d) else f'{d:.3f}'}" for t, d in dice.items())
+
+
+def history_to_json(history: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """History entries with an undefined (NaN) val Dice written as null: strict JSON."""
+    return [
+        {**e, "val_dice": {t: None if math.isnan(d) else d for t, d in e["val_dice"].items()}}
+        if "val_dice" in e
+        else dict(e)
+        for e in history
+    ]
+
+
+def history_from_json(history: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Inverse of `history_to_json`: null val Dice back to NaN (as weightzoo.evaluate reports it)."""
+    return [
+        {**e, "val_dice": {t: math.nan if d is None else d for t, d in e["val_dice"].items()}}
+        if "val_dice" in e
+        else dict(e)
+        for e in history
+    ]
+
+
+def slices_hash(s: SliceSet) -> str:
+    """Fingerprint of training data (images, labels, tasks): a checkpoint never resumes on other data."""
+    h = hashlib.sha256()
+    h.update(json.dumps([s.tasks, list(s.images.shape), list(s.labels.shape)]).encode())
+    h.update(np.ascontiguousarray(s.images, dtype=np.float32).tobytes())
+    h.update(np.ascontiguousarray(s.labels, dtype=np.uint8).tobytes())
+    return h.hexdigest()[:16]
+
+
+@torch.no_grad()
+def evaluate_slices(
+    net: torch.nn.Module,
+    val: SliceSet,
+    loss_fn: DiceBCELoss,
+    device: torch.device,
+    amp_dtype: torch.dtype | None = None,
+    batch_size: int = 64,
+    channels_last: bool = False,
+) -> tuple[float, list[float]]:
+    """Mean loss and Dice per task (counts summed over all slices, as nnU-Net's pseudo Dice)."""
+    was_training = net.training
+    net.eval()
+    total, n, counts = 0.0, 0, None
+    for i in range(0, len(val), batch_size):
+        x = torch.from_numpy(val.images[i : i + batch_size]).to(device)
+        y = torch.from_numpy(val.labels[i : i + batch_size]).to(device)
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with torch.autocast(
+            device_type=device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None
+        ):
+            logits = net(x)
+        total += float(loss_fn(logits, y)) * len(x)
+        n += len(x)
+        c = dice_counts(logits, y)
+        counts = c if counts is None else counts + c
+    net.train(was_training)
+    assert counts is not None
+    return total / max(n, 1), dice_from_counts(counts)
+
+
+def _differences(a: dict[str, Any], b: dict[str, Any]) -> str:
+    ca, cb = a.get("config", {}), b.get("config", {})
+    diffs = [
+        f"{k}: {ca.get(k)!r} vs {cb.get(k)!r}" for k in sorted(set(ca) | set(cb)) if ca.get(k) != cb.get(k)
+    ]
+    if a.get("data_hash") != b.get("data_hash"):
+        diffs.append("other training data")
+    if a.get("arch_hash") != b.get("arch_hash") and not diffs:
+        diffs.append("other architecture")
+    return "; ".join(diffs[:4]) or "unknown difference"
+
+
+def _clear_run(out_dir: Path) -> None:
+    for name in (CKPT_WEIGHTS, CKPT_JSON, LOG_JSON, MODEL_JSON, MODEL_WEIGHTS):
+        (out_dir / name).unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def _determinism(device: torch.device, enabled: bool) -> Iterator[None]:
+    """Deterministic kernels for the run only; the process's settings are restored afterwards.
+
+    CPU: torch.use_deterministic_algorithms (free there). CUDA: deterministic cuDNN convolutions;
+    the global switch is left off, as on CUDA it needs CUBLAS_WORKSPACE_CONFIG set before start-up.
+    """
+    old = torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark
+    old_algos, old_warn = (
+        torch.are_deterministic_algorithms_enabled(),
+        torch.is_deterministic_algorithms_warn_only_enabled(),
+    )
+    if enabled and device.type == "cuda":
+        torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
+    elif enabled:
+        torch.use_deterministic_algorithms(True)
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = old
+        torch.use_deterministic_algorithms(old_algos, warn_only=old_warn)
+
+
+def _progress(enabled: bool, total: int, start: int) -> Any:
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
+
+    prog = Progress(
+        TextColumn("[bold]train[/]"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+        TextColumn("{task.fields[status]}"),
+        disable=not enabled,
+        transient=False,
+    )
+    return prog, prog.add_task("train", total=total, completed=start, status="")
+
+
+# ---- the run ---------------------------------------------------------------------------------------
+def _check_slices(train: SliceSet, val: SliceSet | None, cfg: TrainConfig) -> None:
+    for name, s in (("training", train), ("validation", val)):
+        if s is None:
+            continue
+        if len(s) == 0:
+            raise InputError(f"the {name} set is empty", "check the dataset's splits and sites")
+        if list(s.tasks) != list(cfg.tasks):
+            raise InputError(
+                f"{name} slices have tasks {s.tasks}, the config {cfg.tasks}",
+                "load the slices for the config's tasks",
+            )
+        if tuple(s.images.shape[-2:]) != tuple(cfg.size):
+            raise InputError(
+                f"{name} slices are {list(s.images.shape[-2:])} px, the config says size {list(cfg.size)}",
+                "load the slices with Preprocessing(size=cfg.size)",
+            )
+        if s.images.shape[1] != train.images.shape[1] or s.labels.shape[1] != len(cfg.tasks):
+            raise InputError(
+                f"{name} slices have {s.images.shape[1]} channels / {s.labels.shape[1]} tasks",
+                "use one dataset",
+            )
+
+
+def train_on_slices(
+    train: SliceSet,
+    val: SliceSet | None,
+    cfg: TrainConfig,
+    out_dir: str | Path,
+    resume: bool = True,
+    progress: bool = True,
+    sites: list[str] | None = None,
+    info: dict[str, Any] | None = None,
+    force: bool = False,
+    stop_after: int | None = None,
+) -> TrainResult:
+    """Train a PlainConvUNet (K sigmoid outputs) on `train`, validating on `val`; write a model folder.
+
+    train/val: SliceSets, images [N, C, H, W] (H, W = cfg.size), labels [N, K, H, W], K = len(cfg.tasks).
+    resume: continue from out_dir's checkpoint of the same run (False: start again from step 0).
+    force: overwrite whatever out_dir holds (another run's checkpoint or a finished model).
+    stop_after: stop (as if killed) once this many steps are done, without finishing — for tests.
+    If out_dir already holds this finished run, nothing is trained (`skipped=True`).
+    """
+    out_dir = Path(out_dir)
+    _check_slices(train, val, cfg)
+    spec = ArchSpec.preset(
+        cfg.preset, input_channels=train.images.shape[1], num_classes=len(cfg.tasks), dropout=cfg.dropout
+    )
+    identity = json.loads(
+        json.dumps({"config": cfg.identity(), "arch_hash": spec.hash(), "data_hash": slices_hash(train)})
+    )
+    device = resolve_device(cfg.device)
+
+    # What does out_dir already hold?
+    if force:
+        _clear_run(out_dir)
+    if (out_dir / MODEL_JSON).exists():
+        meta = read_model_json(out_dir)
+        done = meta.get("info", {}).get("run")
+        if done != identity:
+            raise ModelError(
+                f"the folder holds a finished model of another run ({_differences(done or {}, identity)})",
+                "use another --out, or --force to overwrite it",
+                out_dir,
+            )
+        from weightzoo.segmenter import load_model
+
+        log = read_json(out_dir / LOG_JSON, "training log") if (out_dir / LOG_JSON).exists() else {}
+        return TrainResult(
+            load_model(out_dir, cfg.device),
+            history_from_json(log.get("history", [])),
+            float(meta.get("seconds_to_build", 0.0)),
+            out_dir,
+            finished=True,
+            skipped=True,
+            resumed_from=cfg.steps,
+            info=meta.get("info", {}),
+        )
+    ckpt = read_checkpoint(out_dir)
+    if ckpt is not None and ckpt[1].get("run") != identity:
+        raise ModelError(
+            f"it holds a checkpoint of another run ({_differences(ckpt[1].get('run') or {}, identity)})",
+            "use another --out, or --force to start this run there from scratch",
+            out_dir,
+        )
+    if ckpt is not None and not resume:
+        _clear_run(out_dir)
+        ckpt = None
+    out_dir.mkdir(parents=True, exist_ok=True)
+
+    with _determinism(device, cfg.deterministic):
+        net = build_network(spec, seed=cfg.seed).to(device)
+        if cfg.channels_last:
+            net = net.to(memory_format=torch.channels_last)
+        optimizer = make_optimizer(net, cfg)
+        start, history, seconds_before, loss_sum, loss_n = 0, [], 0.0, 0.0, 0
+        random.seed(cfg.seed)  # the loop draws from neither; seeded (and restored on resume) for hooks
+        np.random.seed(cfg.seed)
+        if ckpt is not None:
+            restore_checkpoint(net, optimizer, *ckpt)
+            st = ckpt[1]
+            start, history, seconds_before = (
+                int(st["step"]),
+                history_from_json(st["history"]),
+                float(st["seconds"]),
+            )
+            loss_sum, loss_n = float(st["loss_sum"]), int(st["loss_n"])
+        net.train()
+        loss_fn = DiceBCELoss()
+        amp = autocast_dtype(cfg, device)
+        x_all = torch.from_numpy(np.ascontiguousarray(train.images)).to(device)
+        y_all = torch.from_numpy(np.ascontiguousarray(train.labels)).to(device)
+        fg_by_task = [
+            torch.from_numpy(np.flatnonzero(train.labels[:, k].any(axis=(1, 2))))
+            for k in range(len(cfg.tasks))
+        ]
+        run_info = {
+            **(info or {}),
+            "run": identity,
+            "config": cfg.to_dict(),
+            "sites": sites if sites is not None else train.sites(),
+            "n_train_slices": len(train),
+            "n_val_slices": len(val) if val is not None else 0,
+        }
+        t_start = time.perf_counter()
+
+        def seconds() -> float:
+            return seconds_before + time.perf_counter() - t_start
+
+        def state(step: int) -> dict[str, Any]:
+            return {
+                "format": CKPT_FORMAT,
+                "version": 1,
+                "step": step,
+                "run": identity,
+                "config": cfg.to_dict(),
+                "history": history_to_json(history),
+                "seconds": seconds(),
+                "loss_sum": loss_sum,
+                "loss_n": loss_n,
+                "generators": "batch indices, augmentation and dropout are re-seeded from (seed, step)",
+            }
+
+        prog, bar = _progress(progress, cfg.steps, start)
+        with prog:
+            for step in range(start, cfg.steps):
+                lr = poly_lr(cfg.learning_rate, step, cfg.steps)
+                for group in optimizer.param_groups:
+                    group["lr"] = lr
+                idx = sample_indices(
+                    step_generator(cfg.seed, step, _STREAM_DATA),
+                    len(train),
+                    fg_by_task,
+                    cfg.batch_size,
+                    cfg.foreground_oversample,
+                )
+                dev_idx = idx.to(device)
+                xb, yb = augment_batch(
+                    x_all[dev_idx],
+                    y_all[dev_idx],
+                    cfg.augment,
+                    step_generator(cfg.seed, step, _STREAM_AUGMENT),
+                )
+                if cfg.channels_last:
+                    xb = xb.contiguous(memory_format=torch.channels_last)
+                torch.manual_seed(step_seed(cfg.seed, step, _STREAM_TORCH))  # dropout
+                loss = train_step(net, optimizer, loss_fn, xb, yb, amp, cfg.grad_clip)
+                loss_sum += float(loss)
+                loss_n += 1
+                done = step + 1
+                if done % cfg.val_every == 0 or done == cfg.steps:
+                    entry: dict[str, Any] = {"step": done, "train_loss": loss_sum / loss_n, "lr": lr}
+                    if val is not None:
+                        vloss, vdice = evaluate_slices(
+                            net, val, loss_fn, device, amp, channels_last=cfg.channels_last
+                        )
+                        entry.update(val_loss=vloss, val_dice=dict(zip(cfg.tasks, vdice, strict=True)))
+                    entry["seconds"] = round(seconds(), 3)
+                    history.append(entry)
+                    loss_sum, loss_n = 0.0, 0
+                    atomic_write_json(
+                        out_dir / LOG_JSON, {"config": cfg.to_dict(), "history": history_to_json(history)}
+                    )
+                    dice_s = format_dice(entry.get("val_dice", {}))
+                    prog.update(
+                        bar,
+                        status=f"loss {entry['train_loss']:.3f}"
+                        + (f" · val Dice {dice_s}" if dice_s else ""),
+                    )
+                if done % cfg.checkpoint_every == 0 and done < cfg.steps:
+                    save_checkpoint(out_dir, net, optimizer, state(done))
+                prog.update(bar, completed=done)
+                if stop_after is not None and done >= stop_after and done < cfg.steps:
+                    seg = NetSegmenter(
+                        net, spec, cfg.tasks, train.preprocessing, out_dir.name, seconds(), device
+                    )
+                    return TrainResult(
+                        seg, history, seconds(), out_dir, finished=False, resumed_from=start, info=run_info
+                    )
+
+        total = seconds()
+        run_info["resumed_from"] = start
+        run_info["final"] = history_to_json(history[-1:])[0] if history else {}
+        save_model(out_dir, net, spec, cfg.tasks, train.preprocessing, total, route="train", info=run_info)
+        atomic_write_json(out_dir / LOG_JSON, {"config": cfg.to_dict(), "history": history_to_json(history)})
+        for name in (CKPT_WEIGHTS, CKPT_JSON):  # the model folder is the result; checkpoints are spent
+            (out_dir / name).unlink(missing_ok=True)
+    seg = NetSegmenter(net, spec, cfg.tasks, train.preprocessing, out_dir.name, total, device)
+    return TrainResult(seg, history, total, out_dir, finished=True, resumed_from=start, info=run_info)
+
+
+def train_model(
+    ds: RawDataset | str | Path,
+    cfg: TrainConfig,
+    out_dir: str | Path,
+    sites: list[str] | None = None,
+    resume: bool = True,
+    progress: bool = True,
+    force: bool = False,
+    stop_after: int | None = None,
+) -> TrainResult:
+    """Train on a RawDataset's train split (by subject) of `sites`, validate on its val split.
+
+    The test split is never read. model.json's info records the dataset, sites and split subjects.
+    """
+    if not isinstance(ds, RawDataset):
+        ds = RawDataset.open(ds)
+    for t in cfg.tasks:
+        ds.task_labels(t)  # UnknownNameError listing the dataset's tasks
+    sites = [ds.check_site(s) for s in sites] if sites else None
+    prep = Preprocessing(cfg.normalization, tuple(cfg.size), cfg.axis, ds.n_channels)
+    train_cases, val_cases = ds.cases_in("train", sites), ds.cases_in("val", sites)
+    if not train_cases:
+        raise InputError(
+            f"no training cases for sites {sites or 'all'}",
+            "check the dataset's splits (weightzoo_splits.json)",
+            ds.root,
+        )
+    train = load_slices(ds, cfg.tasks, prep=prep, cases=train_cases)
+    val = load_slices(ds, cfg.tasks, prep=prep, cases=val_cases) if val_cases else None
+    info = {
+        "dataset": ds.name,
+        "dataset_path": str(ds.root),
+        "split": {
+            "train": sorted({ds.subject(c) for c in train_cases}),
+            "val": sorted({ds.subject(c) for c in val_cases}),
+        },
+        "cases": {"train": train_cases, "val": val_cases},
+    }
+    return train_on_slices(
+        train, val, cfg, out_dir, resume, progress, sites or ds.sites(), info, force, stop_after
+    )
