@@ -228,13 +228,10 @@ def _write_report(
     for task, res in trained.items():
         hist = [h for h in res.history if "train_loss" in h]
         a1.plot([h["step"] for h in hist], [h["train_loss"] for h in hist], label=task)
-        vh = [h for h in res.history if h.get("val_dice")]
-        a2.plot(
-            [h["step"] for h in vh],
-            [np.nanmean(list(h["val_dice"].values())) for h in vh],
-            marker="o",
-            label=task,
-        )
+        # val Dice is NaN (null) when the val subjects hold no foreground of a task: nothing to plot then
+        vh = [h for h in res.history if (h.get("val_dice") or {}).get(task) is not None]
+        vh = [h for h in vh if not np.isnan(h["val_dice"][task])]
+        a2.plot([h["step"] for h in vh], [h["val_dice"][task] for h in vh], marker="o", label=task)
     a1.set(xlabel="step", ylabel="train loss (Dice + BCE)", title="Training loss")
     a2.set(xlabel="step", ylabel="val Dice (site A val subjects)", title="Validation Dice", ylim=(0, 1))
     a1.legend()
