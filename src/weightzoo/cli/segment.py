@@ -21,6 +21,7 @@ from rich.markup import escape
 
 from weightzoo.data.io import NIFTI_ENDINGS, Image, file_ending, read_image, write_like
 from weightzoo.errors import InputError, UnknownNameError
+from weightzoo.heads import is_heads_folder, load_any_model
 from weightzoo.postprocess import largest_component, threshold
 from weightzoo.segmenter import MODEL_JSON, load_model, segment_image
 
@@ -63,6 +64,7 @@ def segment_file(
     qc_dir: Path | None = None,
     task: str | None = None,
     device: str = "auto",
+    site: str | None = None,
 ) -> dict[str, Path]:
     """Segment one image file; returns {task: written file}. See the module docstring."""
     if largest and thr == 0:
@@ -74,7 +76,10 @@ def segment_file(
     if thr != 0:
         threshold(np.zeros(1), thr)  # reject a bad threshold before any work
     image = read_image(image_path)
-    seg = load_model(model_dir, device=device)
+    if is_heads_folder(model_dir):  # site heads: --site picks the head (none: the universal head)
+        seg = load_any_model(model_dir, site=site, device=device)
+    else:
+        seg = load_model(model_dir, device=device)
     if task is not None and task not in seg.tasks:
         raise UnknownNameError("task", task, seg.tasks, Path(model_dir) / MODEL_JSON)
     tasks = [task] if task is not None else list(seg.tasks)
@@ -131,9 +136,14 @@ def register(app: typer.Typer) -> None:
             None, "--task", help="Task (output channel) of a multi-task model (default: all, one file each)."
         ),
         device: str = typer.Option("auto", "--device", help="auto | cpu | cuda."),
+        site: str | None = typer.Option(
+            None,
+            "--site",
+            help="Site of the image: picks its head in a heads model (default: universal head).",
+        ),
     ) -> None:
         """Segment an image with a trained model; the mask lies exactly on the input's grid."""
-        written = segment_file(image, model, out, thr, largest, qc, task, device)
+        written = segment_file(image, model, out, thr, largest, qc, task, device, site)
         console = Console()
         for t, p in written.items():
             console.print(

@@ -1,0 +1,210 @@
+"""Inference with a heads model: the site picks the head.
+
+    seg = load_any_model("heads/cord", site="B")      # site B's head (a plain model folder works too)
+    seg.use("H")                                      # no head for H: universal head + SiteWarning
+    summary = evaluate_headed("heads/cord", ds)       # each dataset site through its own head
+
+Rules (also in docs/heads.md): a known site uses its head; an unknown site falls back to the universal
+head with a `SiteWarning` that lists the known sites; no site (None) uses the universal head, silently —
+the universal head was trained on all sites, so it is the right model for data of unknown origin.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from weightzoo.data.raw import RawDataset
+from weightzoo.errors import InputError
+from weightzoo.heads.model import UNIVERSAL, HeadedModel, SiteWarning, is_heads_folder
+from weightzoo.segmenter import NetSegmenter, Segmenter, load_model, read_model_json, resolve_device
+
+
+class HeadedSegmenter(NetSegmenter):
+    """A NetSegmenter over backbone + one head; `use(site)` swaps the head in place.
+
+    predict_batch: [N, C, H, W] -> [N, K, H, W] probabilities, as every Segmenter. `head` is the head in
+    use, `site` the site asked for (None: none given).
+    """
+
+    def __init__(
+        self,
+        model: HeadedModel,
+        site: str | None = None,
+        device: str | torch.device = "cpu",
+        name: str | None = None,
+    ):
+        head = model.resolve(site)
+        self.model, self.site, self.head = model, site, head
+        self._base = name or (model.folder.name if model.folder is not None else "heads")
+        super().__init__(
+            model.network(head),
+            model.spec,
+            model.tasks,
+            model.preprocessing,
+            name=f"{self._base}[{head}]",
+            seconds_to_build=self._seconds(head),
+            device=device,
+        )
+
+    def _seconds(self, head: str) -> float:
+        """Backbone training time, plus the head's own fine-tuning time for a site head."""
+        backbone = float(self.model.head_info.get(UNIVERSAL, {}).get("seconds", 0.0))
+        own = float(self.model.head_info.get(head, {}).get("seconds", 0.0)) if head != UNIVERSAL else 0.0
+        return backbone + own
+
+    @torch.no_grad()
+    def use(self, site: str | None) -> HeadedSegmenter:
+        """Swap in the head for `site` (see module docstring); only head tensors change."""
+        head = self.model.resolve(site)
+        params = dict(self.net.named_parameters()) | dict(self.net.named_buffers())
+        for k, v in self.model.heads[head].items():
+            params[k].copy_(v.to(params[k].device))
+        self.site, self.head = site, head
+        self.name, self.seconds_to_build = f"{self._base}[{head}]", self._seconds(head)
+        return self
+
+
+def load_any_model(folder: str | Path, site: str | None = None, device: str = "auto") -> Segmenter:
+    """A Segmenter for a plain model folder (model.json) or a heads folder (heads.json).
+
+    Heads folder: the head for `site` (None: universal; unknown: universal + SiteWarning).
+    Plain folder: the model itself; a `site` it was not trained on gives a SiteWarning (it still runs).
+    """
+    folder = Path(folder)
+    if is_heads_folder(folder):
+        return HeadedSegmenter(HeadedModel.load(folder), site, resolve_device(device))
+    seg = load_model(folder, device=device)
+    trained_on = read_model_json(folder).get("info", {}).get("sites")
+    if site is not None and isinstance(trained_on, list) and site not in trained_on:
+        warnings.warn(
+            f"{folder}: a plain model (one head for all sites), trained on sites "
+            f"{', '.join(map(str, trained_on)) or 'unknown'}; site '{site}' is new to it",
+            SiteWarning,
+            stacklevel=2,
+        )
+    return seg
+
+
+def evaluate_headed(
+    model: HeadedModel | str | Path,
+    ds: RawDataset,
+    split: str | None = "test",
+    sites: Sequence[str] | None = None,
+    tasks: Sequence[str] | None = None,
+    threshold: float = 0.5,
+    device: str = "auto",
+    on_case: Callable[[int, int, str], None] | None = None,
+) -> dict[str, Any]:
+    """Evaluate with each case routed to its dataset site's head (the dataset's `sites` map).
+
+    Returns one summary (as `evaluate_segmenter`) over all chosen cases, plus `heads_used` {site: head}.
+    """
+    from weightzoo.evaluate.summary import aggregate, evaluate_segmenter
+
+    hm = model if isinstance(model, HeadedModel) else HeadedModel.load(model)
+    cases = ds.cases_in(split, sites)
+    if not cases:
+        raise InputError(
+            f"no cases in split={split} sites={list(sites) if sites else 'all'}",
+            "check the dataset's splits and sites",
+            ds.root,
+        )
+    seg = HeadedSegmenter(hm, None, resolve_device(device))
+    per_site: dict[str, list[str]] = {}
+    for c in cases:
+        per_site.setdefault(ds.site(c), []).append(c)
+    merged: dict[str, Any] | None = None
+    seconds = 0.0
+    per_case: list[dict[str, Any]] = []
+    used: dict[str, str] = {}
+    done = 0
+    for site, site_cases in per_site.items():
+        seg.use(site)
+        used[site] = seg.head
+
+        def progress(i: int, n: int, case: str, offset: int = done) -> None:
+            if on_case is not None:
+                on_case(offset + i, len(cases), case)
+
+        summ = evaluate_segmenter(
+            seg, ds, split, tasks=tasks, threshold=threshold, cases=site_cases, on_case=progress
+        )
+        done += len(site_cases)
+        seconds += summ["seconds_to_evaluate"]
+        per_case += summ["metric_per_case"]
+        merged = merged or summ
+    assert merged is not None
+    order = {c: i for i, c in enumerate(cases)}
+    per_case.sort(key=lambda r: order[r["case"]])
+    merged.update(aggregate(per_case, merged["tasks"]))
+    merged.update(
+        model=f"{hm.folder.name if hm.folder else 'heads'} (site heads)",
+        sites=sorted(per_site),
+        n_cases=len(per_case),
+        heads_used=used,
+        seconds_to_evaluate=round(seconds, 3),
+        metric_per_case=per_case,
+    )
+    return merged
+
+
+def export_head(folder: str | Path, site: str, out_dir: str | Path, nnunet: bool = True) -> Path:
+    """Backbone + the head of `site` ('universal' allowed) as one plain weightzoo model folder.
+
+    With `nnunet`, the same network is also written as an nnU-Net v2 results folder inside it,
+    `OUT/nnUNet_results/DatasetXXX_Name/nnUNetTrainer__nnUNetPlans__2d/fold_0/checkpoint_final.pth`
+    (via weightzoo.zoo.nnunet). model.json records the source (`info.heads_model`, `info.site`).
+    Unlike inference, an unknown site is an error: an export is never silently the universal head.
+    """
+    from weightzoo.errors import UnknownNameError
+    from weightzoo.heads.model import HEADS_JSON
+    from weightzoo.segmenter import save_model
+
+    hm = HeadedModel.load(folder)
+    if site not in hm.heads:
+        raise UnknownNameError("head", site, sorted(hm.heads), Path(folder) / HEADS_JSON)
+    seg = HeadedSegmenter(hm, site, "cpu")
+    info = {
+        "heads_model": str(Path(folder)),
+        "site": site,
+        "head_stages": hm.head_stages,
+        "backbone_hash": hm.backbone_hash,
+        "head": hm.head_info.get(site, {}),
+        "sites": [site] if site != UNIVERSAL else hm.info.get("sites", hm.sites()),
+        **{k: hm.info[k] for k in ("dataset", "dataset_path", "config") if k in hm.info},
+    }
+    out = save_model(
+        out_dir, seg.net, hm.spec, hm.tasks, hm.preprocessing, seg.seconds_to_build, route="heads", info=info
+    )
+    if nnunet:
+        write_nnunet_export(hm, site, out / "nnUNet_results", info)
+    return out
+
+
+def write_nnunet_export(hm: HeadedModel, site: str, parent: Path, info: dict[str, Any]) -> Path:
+    """Backbone + head `site` as an nnU-Net v2 trainer folder under `parent`; returns the .pth path."""
+    import re
+
+    from weightzoo.zoo.nnunet import nnunet_dataset_json, write_nnunet_results
+
+    name = str(hm.info.get("dataset", ""))
+    name = name if re.fullmatch(r"Dataset\d{3}_[A-Za-z0-9_\-]+", name) else "Dataset999_weightzoo"
+    channels = hm.info.get("channel_names") or {str(i): f"channel{i}" for i in range(hm.spec.input_channels)}
+    labels = hm.info.get("task_labels") or {t: [i + 1] for i, t in enumerate(hm.tasks)}
+    ending = str(hm.info.get("file_ending", ".nii.gz"))
+    return write_nnunet_results(
+        parent / name / "nnUNetTrainer__nnUNetPlans__2d",
+        hm.spec,
+        hm.full_state(site),
+        nnunet_dataset_json(channels, {t: labels[t] for t in hm.tasks}, ending, name),
+        info=info,
+        overwrite=True,
+        dataset_name=name,
+        patch_size=list(hm.preprocessing.size),
+        normalization=hm.preprocessing.normalization,
+    )

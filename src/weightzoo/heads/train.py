@@ -1,0 +1,510 @@
+"""Training site heads: (a) backbone + universal head on all sites, (b) one head per site with the
+backbone frozen, (c) optionally a short joint unfreeze at a low learning rate; and few-shot heads for
+new sites (`add_site`). Resumable. The machinery (MultiHeadNet, site-balanced sampling, one resumable
+phase on the nnU-Net recipe of `weightzoo.train`) is in `weightzoo.heads.phase`.
+
+Heads folder (see weightzoo.heads.model) plus `.runs/<phase>/` checkpoints while a phase runs.
+heads.json `info.phases_done` lists finished phases; re-running the same command skips them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import random
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from weightzoo.data.raw import RawDataset
+from weightzoo.data.slices import Preprocessing, SliceSet, load_slices
+from weightzoo.errors import InputError, ModelError
+from weightzoo.heads.model import (
+    HEADS_DIR,
+    HEADS_JSON,
+    UNIVERSAL,
+    HeadedModel,
+    State,
+    check_site_name,
+    head_names,
+    head_prefixes,
+    is_heads_folder,
+    n_elements,
+    read_heads_json,
+)
+from weightzoo.heads.phase import (
+    MultiHeadNet,
+    PhaseResult,
+    SitePools,
+    run_phase,
+    site_balanced_indices,
+    val_dice,
+)
+from weightzoo.nets.unet import ArchSpec, build_network, real_state_dict
+from weightzoo.train.config import TrainConfig
+from weightzoo.train.loop import slices_hash
+
+RUNS_DIR = ".runs"
+
+
+# ---- building blocks used by the CLI and the benchmark ----------------------------------------------
+def spec_for(cfg: TrainConfig, channels: int) -> ArchSpec:
+    return ArchSpec.preset(
+        cfg.preset, input_channels=channels, num_classes=len(cfg.tasks), dropout=cfg.dropout
+    )
+
+
+def train_backbone(
+    train: SliceSet,
+    val: SliceSet | None,
+    cfg: TrainConfig,
+    head_stages: int,
+    run_dir: Path | None = None,
+    identity: dict[str, Any] | None = None,
+    progress: bool = False,
+    stop_after: int | None = None,
+) -> tuple[HeadedModel | None, PhaseResult]:
+    """(a) The whole network on all sites of `train`, site-balanced; its head becomes the universal head.
+
+    The backbone does not depend on `head_stages` (it only decides where the network is cut), so one
+    trained network serves every n via `HeadedModel.from_network`. Returns (None, result) if stopped.
+    """
+    spec = spec_for(cfg, train.images.shape[1])
+    head_prefixes(spec, head_stages)  # range check before any work
+    net = build_network(spec, seed=cfg.seed)
+    names = head_names(spec, head_stages)
+    full = real_state_dict(net)
+    model = MultiHeadNet(net, {UNIVERSAL: {k: full[k] for k in names}})
+    model.set_trainable(backbone=True, heads=[UNIVERSAL])
+    pools = SitePools.of(train)
+
+    def sampler(g: torch.Generator) -> tuple[torch.Tensor, str]:
+        return site_balanced_indices(g, pools, cfg.batch_size, cfg.foreground_oversample), UNIVERSAL
+
+    res = run_phase(
+        model,
+        train,
+        sampler,
+        cfg,
+        "backbone",
+        (UNIVERSAL, val) if val is not None else None,
+        run_dir,
+        identity,
+        progress,
+        stop_after,
+    )
+    if not res.finished:
+        return None, res
+    hm = HeadedModel(
+        spec,
+        list(cfg.tasks),
+        train.preprocessing,
+        head_stages,
+        model.backbone_state(),
+        {UNIVERSAL: model.head_state(UNIVERSAL)},
+    )
+    by_site = (
+        {s: val_dice(model, UNIVERSAL, val.where(site=s), cfg.tasks, cfg.device) for s in val.sites()}
+        if val
+        else {}
+    )
+    hm.head_info[UNIVERSAL] = {
+        "route": "all sites",
+        "sites": pools.sites,
+        "n_train_slices": len(train),
+        "steps": cfg.steps,
+        "seconds": round(res.seconds, 3),
+        "val_dice": val_dice(model, UNIVERSAL, val, cfg.tasks, cfg.device),
+        "val_dice_by_site": by_site,
+    }
+    return hm, res
+
+
+def train_site_head(
+    hm: HeadedModel,
+    train: SliceSet,
+    val: SliceSet | None,
+    cfg: TrainConfig,
+    name: str,
+    route: str = "frozen backbone",
+    run_dir: Path | None = None,
+    identity: dict[str, Any] | None = None,
+    progress: bool = False,
+    stop_after: int | None = None,
+) -> tuple[State | None, dict[str, Any], PhaseResult]:
+    """(b) One head on `train` (one site's slices) with the backbone frozen, starting from the
+    universal head; cfg.steps steps at cfg.learning_rate. Returns (head state, head info, result);
+    the state is None if stopped early. `hm` is not changed: add the head with `hm.set_head`."""
+    net = hm.network(UNIVERSAL)
+    model = MultiHeadNet(net, {name: hm.heads[UNIVERSAL]})
+    model.set_trainable(backbone=False, heads=[name])
+    pools = SitePools.of(train)
+
+    def sampler(g: torch.Generator) -> tuple[torch.Tensor, str]:
+        return site_balanced_indices(g, pools, cfg.batch_size, cfg.foreground_oversample), name
+
+    res = run_phase(
+        model,
+        train,
+        sampler,
+        cfg,
+        f"head-{name}",
+        (name, val) if val is not None else None,
+        run_dir,
+        identity,
+        progress,
+        stop_after,
+    )
+    if not res.finished:
+        return None, {}, res
+    universal = MultiHeadNet(hm.network(UNIVERSAL), {UNIVERSAL: hm.heads[UNIVERSAL]})
+    info = {
+        "route": route,
+        "subjects": sorted({m["subject"] for m in train.meta}),
+        "n_train_slices": len(train),
+        "steps": cfg.steps,
+        "lr": cfg.learning_rate,
+        "seconds": round(res.seconds, 3),
+        "val_dice": val_dice(model, name, val, cfg.tasks, cfg.device),
+        "val_dice_universal": val_dice(universal, UNIVERSAL, val, cfg.tasks, cfg.device),
+    }
+    return model.head_state(name), info, res
+
+
+def joint_unfreeze(
+    hm: HeadedModel,
+    train: SliceSet,
+    val: SliceSet | None,
+    cfg: TrainConfig,
+    run_dir: Path | None = None,
+    identity: dict[str, Any] | None = None,
+    progress: bool = False,
+    stop_after: int | None = None,
+) -> tuple[HeadedModel | None, PhaseResult]:
+    """(c) Backbone and all heads together at cfg.learning_rate (low): each step trains one head,
+    drawn uniformly among the universal head (site-balanced batch) and the site heads (that site's
+    slices). The backbone stays shared, so every head is re-saved with the new backbone."""
+    names = [UNIVERSAL, *hm.sites()]
+    model = MultiHeadNet(hm.network(UNIVERSAL), {n: hm.heads[n] for n in names})
+    model.set_trainable(backbone=True, heads=names)
+    pools = SitePools.of(train)
+    own = {s: SitePools.of(train, [s]) for s in hm.sites() if s in pools.sites}
+    heads = [UNIVERSAL, *own]
+
+    def sampler(g: torch.Generator) -> tuple[torch.Tensor, str]:
+        head = heads[int(torch.randint(len(heads), (1,), generator=g))]
+        p = pools if head == UNIVERSAL else own[head]
+        return site_balanced_indices(g, p, cfg.batch_size, cfg.foreground_oversample), head
+
+    res = run_phase(
+        model,
+        train,
+        sampler,
+        cfg,
+        "joint",
+        (UNIVERSAL, val) if val is not None else None,
+        run_dir,
+        identity,
+        progress,
+        stop_after,
+    )
+    if not res.finished:
+        return None, res
+    out = dataclasses.replace(hm, backbone=model.backbone_state(), heads={}, head_info={})
+    for n in names:
+        site_val = val if n == UNIVERSAL or val is None else (val.where(site=n) if n in val.sites() else None)
+        info = dict(hm.head_info.get(n, {}))
+        info.update(
+            route=info.get("route", "") + " + joint unfreeze",
+            joint_steps=cfg.steps,
+            joint_seconds=round(res.seconds, 3),
+            val_dice=val_dice(model, n, site_val, cfg.tasks, cfg.device),
+        )
+        out.set_head(n, model.head_state(n), info)
+    return out, res
+
+
+# ---- the folder-level commands ----------------------------------------------------------------------
+@dataclass
+class HeadsResult:
+    model: HeadedModel | None  # None when stopped early (stop_after)
+    folder: Path
+    finished: bool
+    phases_run: list[str]
+    seconds: float
+
+
+def _run_dir(folder: Path, phase: str) -> Path:
+    return folder / RUNS_DIR / phase
+
+
+def _clear(folder: Path) -> None:
+    for name in (HEADS_JSON, "backbone.safetensors", "model.json", "model.safetensors"):
+        (folder / name).unlink(missing_ok=True)
+    for d in (HEADS_DIR, RUNS_DIR):
+        shutil.rmtree(folder / d, ignore_errors=True)
+
+
+def train_heads(
+    ds: RawDataset | str | Path,
+    cfg: TrainConfig,
+    out_dir: str | Path,
+    head_stages: int = 1,
+    sites: list[str] | None = None,
+    head_steps: int | None = None,
+    head_lr: float | None = None,
+    unfreeze_steps: int = 0,
+    unfreeze_lr_factor: float = 0.1,
+    resume: bool = True,
+    force: bool = False,
+    progress: bool = False,
+    stop_after: int | None = None,
+    log: Callable[[str], None] = lambda s: None,
+) -> HeadsResult:
+    """`weightzoo heads train`: (a) backbone + universal head on the train split of `sites` (default
+    all), (b) a head per site (backbone frozen; head_steps default cfg.steps // 10, lr default
+    cfg's), (c) `unfreeze_steps` > 0: joint unfreeze at lr · unfreeze_lr_factor. Validation: val split.
+
+    Re-running the same call skips finished phases and resumes an interrupted one. `stop_after`
+    stops the call (as if killed) once it has run that many steps, over all phases (tests).
+    """
+    t0 = time.perf_counter()
+    ds = ds if isinstance(ds, RawDataset) else RawDataset.open(ds)
+    out = Path(out_dir)
+    for t in cfg.tasks:
+        ds.task_labels(t)
+    sites = [ds.check_site(s) for s in sites] if sites else ds.sites()
+    for s in sites:
+        check_site_name(s)
+    head_prefixes(spec_for(cfg, ds.n_channels), head_stages)
+    head_steps = head_steps if head_steps is not None else max(1, cfg.steps // 10)
+    if head_steps < 1 or unfreeze_steps < 0 or not 0 < unfreeze_lr_factor <= 1:
+        raise InputError(
+            "head steps must be >= 1, unfreeze steps >= 0 and the unfreeze lr factor in (0, 1]",
+            "fix --head-steps / --unfreeze-steps / --unfreeze-lr-factor",
+        )
+    prep = Preprocessing(cfg.normalization, tuple(cfg.size), cfg.axis, ds.n_channels)
+    train_cases, val_cases = ds.cases_in("train", sites), ds.cases_in("val", sites)
+    if not train_cases:
+        raise InputError(f"no training cases for sites {sites}", "check the dataset's splits", ds.root)
+    train = load_slices(ds, cfg.tasks, prep=prep, cases=train_cases)
+    val = load_slices(ds, cfg.tasks, prep=prep, cases=val_cases) if val_cases else None
+    head_cfg = dataclasses.replace(cfg, steps=head_steps, lr=head_lr if head_lr is not None else cfg.lr)
+    identity = json.loads(
+        json.dumps(
+            {
+                "config": cfg.identity(),
+                "head_stages": head_stages,
+                "head": head_cfg.identity(),
+                "unfreeze_steps": unfreeze_steps,
+                "unfreeze_lr_factor": unfreeze_lr_factor,
+                "sites": sites,
+                "data_hash": slices_hash(train),
+            }
+        )
+    )
+    if force:
+        _clear(out)
+    done: list[str] = []
+    if is_heads_folder(out):
+        meta = read_heads_json(out)
+        if meta.get("info", {}).get("run") != identity:
+            raise ModelError(
+                "the folder holds a heads model of another run (other data, sites or options)",
+                "use another --out, or --force to overwrite it",
+                out,
+            )
+        done = list(meta["info"].get("phases_done", []))
+    elif (out / "model.json").exists():
+        raise ModelError(
+            "the folder holds a plain model", "use another --out, or --force to overwrite it", out
+        )
+    if not resume:
+        shutil.rmtree(out / RUNS_DIR, ignore_errors=True)
+    phases: list[str] = []
+    left = stop_after  # steps this call may still run (tests: "killed" after that many)
+
+    def stopped() -> HeadsResult:
+        return HeadsResult(None, out, False, phases, time.perf_counter() - t0)
+
+    if "backbone" not in done:
+        phases.append("backbone")
+        log(f"(a) backbone + universal head on sites {', '.join(sites)}: {cfg.steps} steps")
+        hm, res = train_backbone(
+            train, val, cfg, head_stages, _run_dir(out, "backbone"), identity, progress, left
+        )
+        if hm is None:
+            return stopped()
+        left = None if left is None else left - res.steps_run
+        hm.info = {
+            "run": identity,
+            "phases_done": ["backbone"],
+            "config": cfg.to_dict(),
+            "head_steps": head_steps,
+            "head_lr": head_cfg.learning_rate,
+            "dataset": ds.name,
+            "dataset_path": str(ds.root),
+            "channel_names": dict(ds.meta["channel_names"]),
+            "task_labels": {t: ds.task_labels(t) for t in cfg.tasks},
+            "file_ending": ds.file_ending,
+            "sites": sites,
+            "split": {
+                "train": sorted({ds.subject(c) for c in train_cases}),
+                "val": sorted({ds.subject(c) for c in val_cases}),
+            },
+        }
+        hm.save(out)
+        shutil.rmtree(_run_dir(out, "backbone"), ignore_errors=True)
+        done = ["backbone"]
+    hm = HeadedModel.load(out)
+    for site in sites:
+        phase = f"head-{site}"
+        if phase in done:
+            continue
+        if left is not None and left <= 0:
+            return stopped()
+        phases.append(phase)
+        log(f"(b) head for site {site} (backbone frozen): {head_steps} steps")
+        site_val = val.where(site=site) if val is not None and site in val.sites() else None
+        bb = {**identity, "backbone_hash": hm.backbone_hash}
+        state, info, res = train_site_head(
+            hm,
+            train.where(site=site),
+            site_val,
+            head_cfg,
+            site,
+            "frozen backbone",
+            _run_dir(out, phase),
+            bb,
+            progress,
+            left,
+        )
+        if state is None:
+            return stopped()
+        left = None if left is None else left - res.steps_run
+        hm.set_head(site, state, info)
+        hm.info["phases_done"] = done = [*done, phase]
+        hm.save_head(out, site)
+        shutil.rmtree(_run_dir(out, phase), ignore_errors=True)
+    if unfreeze_steps and "joint" not in done:
+        if left is not None and left <= 0:
+            return stopped()
+        phases.append("joint")
+        lr = cfg.learning_rate * unfreeze_lr_factor
+        log(f"(c) joint unfreeze of backbone and heads: {unfreeze_steps} steps at lr {lr:g}")
+        joint_cfg = dataclasses.replace(cfg, steps=unfreeze_steps, lr=lr)
+        bb = {**identity, "backbone_hash": hm.backbone_hash}
+        new, _ = joint_unfreeze(hm, train, val, joint_cfg, _run_dir(out, "joint"), bb, progress, left)
+        if new is None:
+            return stopped()
+        new.info["phases_done"] = [*done, "joint"]
+        new.save(out)
+        shutil.rmtree(_run_dir(out, "joint"), ignore_errors=True)
+        hm = new
+    shutil.rmtree(out / RUNS_DIR, ignore_errors=True)
+    return HeadsResult(HeadedModel.load(out), out, True, phases, time.perf_counter() - t0)
+
+
+def pick_subjects(ds: RawDataset, site: str, shots: int | None, seed: int = 0) -> list[str]:
+    """`shots` training subjects of `site` (all if None), drawn with `seed`; nested as shots grows."""
+    subjects = sorted({ds.subject(c) for c in ds.cases_in("train", [site])})
+    if not subjects:
+        raise InputError(f"site '{site}' has no training subjects", "check the dataset's splits", ds.root)
+    if shots is None:
+        return subjects
+    if not 1 <= shots <= len(subjects):
+        raise InputError(
+            f"--shots {shots}, but site '{site}' has {len(subjects)} training subject(s)",
+            f"give --shots between 1 and {len(subjects)}",
+            ds.root,
+        )
+    random.Random(seed).shuffle(subjects)
+    return sorted(subjects[:shots])
+
+
+def add_site(
+    model_dir: str | Path,
+    ds: RawDataset | str | Path,
+    site: str,
+    shots: int | None = None,
+    steps: int | None = None,
+    lr: float | None = None,
+    seed: int = 0,
+    head_name: str | None = None,
+    resume: bool = True,
+    force: bool = False,
+    progress: bool = False,
+    stop_after: int | None = None,
+) -> HeadsResult:
+    """`weightzoo heads add-site`: a head for `site` of `ds` from `shots` labelled training subjects
+    (all if None), backbone frozen. Writes heads/<site>.safetensors and heads.json only.
+
+    steps/lr default to the model's head settings; validation on the site's val split (if any).
+    """
+    t0 = time.perf_counter()
+    model_dir = Path(model_dir)
+    hm = HeadedModel.load(model_dir)
+    ds = ds if isinstance(ds, RawDataset) else RawDataset.open(ds)
+    ds.check_site(site)
+    name = check_site_name(head_name or site)
+    if name in hm.heads and not force:
+        raise ModelError(
+            f"the model already has a head for site '{name}'",
+            "use --force to replace it",
+            model_dir / HEADS_JSON,
+        )
+    for t in hm.tasks:
+        ds.task_labels(t)
+    if ds.n_channels != hm.preprocessing.channels:
+        raise InputError(
+            f"dataset has {ds.n_channels} channel(s), the model expects {hm.preprocessing.channels}",
+            "add a site of the same modality",
+            ds.root,
+        )
+    subjects = pick_subjects(ds, site, shots, seed)
+    cases = [c for c in ds.cases_in("train", [site]) if ds.subject(c) in set(subjects)]
+    train = load_slices(ds, hm.tasks, prep=hm.preprocessing, cases=cases)
+    val_cases = ds.cases_in("val", [site])
+    val = load_slices(ds, hm.tasks, prep=hm.preprocessing, cases=val_cases) if val_cases else None
+    base = TrainConfig.from_dict(hm.info["config"]) if "config" in hm.info else TrainConfig(tasks=hm.tasks)
+    cfg = dataclasses.replace(
+        base,
+        steps=steps if steps is not None else int(hm.info.get("head_steps", max(1, base.steps // 10))),
+        lr=lr if lr is not None else hm.info.get("head_lr", base.lr),
+        seed=seed,
+    )
+    identity = {
+        "site": site,
+        "subjects": subjects,
+        "config": cfg.identity(),
+        "backbone_hash": hm.backbone_hash,
+        "data_hash": slices_hash(train),
+    }
+    run_dir = _run_dir(model_dir, f"add-{name}")
+    if not resume:
+        shutil.rmtree(run_dir, ignore_errors=True)
+    route = f"few-shot ({len(subjects)} subjects)" if shots is not None else "frozen backbone"
+    state, info, _ = train_site_head(
+        hm, train, val, cfg, name, route, run_dir, identity, progress, stop_after
+    )
+    if state is None:
+        return HeadsResult(None, model_dir, False, [f"add-{name}"], time.perf_counter() - t0)
+    info.update(dataset=ds.name, dataset_site=site, shots=shots)
+    hm.set_head(name, state, info)
+    hm.save_head(model_dir, name)
+    shutil.rmtree(run_dir, ignore_errors=True)
+    if (model_dir / RUNS_DIR).is_dir() and not any((model_dir / RUNS_DIR).iterdir()):
+        (model_dir / RUNS_DIR).rmdir()
+    return HeadsResult(
+        HeadedModel.load(model_dir), model_dir, True, [f"add-{name}"], time.perf_counter() - t0
+    )
+
+
+def head_sizes(hm: HeadedModel) -> dict[str, int]:
+    """Parameters per head, plus the backbone's."""
+    return {"backbone": n_elements(hm.backbone), **{n: hm.head_n_params(n) for n in sorted(hm.heads)}}
