@@ -39,6 +39,11 @@ class UnknownNameError(WeightzooError):
         super().__init__(f"unknown {kind} '{name}'", f"choose one of: {known_s}", path)
 
 
+class WeightzooWarning(UserWarning):
+    """Something the user should know although a result is still produced (a repaired mask, an
+    unknown site falling back to the universal head). The CLI prints these as one yellow line."""
+
+
 def require_file(path: str | Path, what: str = "file", fix: str | None = None) -> Path:
     """Return `path` as a Path if it exists, else raise a one-line InputError."""
     p = Path(path)

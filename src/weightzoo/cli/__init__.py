@@ -7,12 +7,13 @@ printed as one line (`error: <file>: <what> — <fix>`) with exit code 2; `--deb
 from __future__ import annotations
 
 import sys
+import warnings
 
 import typer
 from rich.console import Console
 from rich.markup import escape
 
-from weightzoo.errors import WeightzooError
+from weightzoo.errors import WeightzooError, WeightzooWarning
 
 app = typer.Typer(
     name="weightzoo",
@@ -49,9 +50,21 @@ def _register() -> None:
 _register()
 
 
+def _show_warning(message, category, filename, lineno, file=None, line=None):  # type: ignore[no-untyped-def]
+    """User-facing warnings as one yellow line; anything else as Python prints it."""
+    if issubclass(category, WeightzooWarning):
+        err_console.print(f"[yellow]warning:[/] {escape(str(message))}", highlight=False, soft_wrap=True)
+    else:
+        _python_showwarning(message, category, filename, lineno, file, line)
+
+
+_python_showwarning = warnings.showwarning
+
+
 def main(argv: list[str] | None = None) -> int:
     """Console-script entry point: run the app, turning user errors into one-line messages."""
     debug = "--debug" in (argv if argv is not None else sys.argv[1:])
+    warnings.showwarning = _show_warning
     try:
         app(args=argv, standalone_mode=False)
     except WeightzooError as e:

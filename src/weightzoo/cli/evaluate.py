@@ -19,6 +19,7 @@ from rich.table import Table
 from weightzoo.data.raw import SPLIT_NAMES, RawDataset
 from weightzoo.errors import UnknownNameError
 from weightzoo.evaluate.summary import evaluate_segmenter, summary_line, write_summary
+from weightzoo.heads import evaluate_headed, is_heads_folder, load_any_model
 from weightzoo.segmenter import MODEL_JSON, load_model
 
 
@@ -89,7 +90,8 @@ def register(app: typer.Typer) -> None:
         """Evaluate a model per case (Dice, IoU, HD95; nnU-Net rules) and write summary.json."""
         if split not in (*SPLIT_NAMES, "all"):
             raise UnknownNameError("split", split, [*SPLIT_NAMES, "all"])
-        seg = load_model(model, device=device)
+        heads = is_heads_folder(model)  # site heads: each case is routed to its site's head
+        seg = load_any_model(model, device=device) if heads else load_model(model, device=device)
         for t in task or []:
             if t not in seg.tasks:
                 raise UnknownNameError("task", t, seg.tasks, Path(model) / MODEL_JSON)
@@ -98,15 +100,17 @@ def register(app: typer.Typer) -> None:
             ds.check_site(s)
         err = Console(stderr=True)
         with err.status("evaluating…") as status:
-            summary = evaluate_segmenter(
-                seg,
-                ds,
+            kwargs: dict[str, Any] = dict(
                 split=None if split == "all" else split,
                 sites=site or None,
                 tasks=task or None,
                 threshold=thr,
                 on_case=lambda i, n, case: status.update(f"evaluating {case} ({i}/{n})"),
             )
+            if heads:
+                summary = evaluate_headed(model, ds, device=device, **kwargs)
+            else:
+                summary = evaluate_segmenter(seg, ds, **kwargs)
         path = write_summary(summary, summary_path(model, split, out))
         console = Console()
         console.print(summary_table(summary))

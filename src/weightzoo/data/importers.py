@@ -36,7 +36,7 @@ from weightzoo.data.io import (
     to_original_orientation,
 )
 from weightzoo.data.raw import DATASET_DIR_RE, RawDataset, RawDatasetWriter, next_dataset_id
-from weightzoo.errors import InputError
+from weightzoo.errors import InputError, WeightzooWarning
 
 WBC_CLASSES = np.array([0, 128, 255])  # mask grey values: background, cytoplasm, nucleus
 WBC_SITES = {"Dataset 1": ("Dataset1", "wbc1"), "Dataset 2": ("Dataset2", "wbc2")}
@@ -44,7 +44,7 @@ EMPTY_POLICIES = ("keep", "skip", "error")
 _BIDS_SUB = re.compile(r"(?:^|[/_\\])(sub-[A-Za-z0-9]+)")
 
 
-class DataWarning(UserWarning):
+class DataWarning(WeightzooWarning):
     """Something in the input was repaired or skipped during an import (counts in the message)."""
 
 

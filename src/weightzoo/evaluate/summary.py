@@ -79,7 +79,7 @@ def _metrics_of(
     return {t: case_metrics(pred[j], ref[j], sp) for j, t in enumerate(tasks)}
 
 
-def _aggregate(per_case: list[dict[str, Any]], tasks: Sequence[str]) -> dict[str, Any]:
+def aggregate(per_case: list[dict[str, Any]], tasks: Sequence[str]) -> dict[str, Any]:
     """nnU-Net's `mean` and `foreground_mean`, plus sd, n_valid and the same per site."""
     out: dict[str, Any] = {"mean": {}, "sd": {}, "n_valid": {}}
     for t in tasks:
@@ -229,7 +229,7 @@ def _assemble(
     t0: float,
     extra: dict[str, Any],
 ) -> dict[str, Any]:
-    agg, prep = _aggregate(per_case, tasks), seg.preprocessing
+    agg, prep = aggregate(per_case, tasks), seg.preprocessing
     return {
         "format": SUMMARY_FORMAT,
         "version": 1,
