@@ -1,0 +1,253 @@
+"""`weightzoo incontext`: segment from a labelled support set with no training; train and evaluate models.
+
+    weightzoo incontext -i query.png --support support_dir/ -o out.png [--candidates 5] [--ensemble 4] [--tta 8]
+    weightzoo incontext -i volume.nii.gz --support support_dir/ -o mask.nii.gz      # slice by slice
+    weightzoo incontext train --tasks synth,phantom --out model/ [--preset cpu] [--device auto]
+    weightzoo incontext eval --model model/ --heldout wbc-nucleus,sct-cord --support-sizes 1,2,4,8,16,32,64
+
+Shape: one command group. Given -i, the group itself segments (and a subcommand is then an error);
+without -i it runs the `train` or `eval` subcommand.
+
+support_dir/: `NAME.ext` images with `NAME_mask.ext` masks (PNG/BMP/TIFF/NIfTI; NIfTI volumes give
+their axial slices with foreground; multi-label masks need --label), or an nnU-Net raw dataset folder
+with --task (and optionally --site). Output: a 0/1 mask on exactly the input's grid (NIfTI: the input's
+shape, affine, header and orientation, via write_like); -thr 0 writes probabilities. With
+--candidates K > 1, one file per candidate: OUT with `_cand1` ... `_candK` before the extension.
+"""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import numpy as np
+import typer
+from rich.console import Console
+from rich.markup import escape
+
+from weightzoo.errors import InputError
+
+console = Console(highlight=False)
+
+
+def candidate_paths(out: Path, k: int) -> list[Path]:
+    """[out] for one candidate, else out with _cand1.._candK inserted before its extension."""
+    from weightzoo.data.io import file_ending
+
+    if k == 1:
+        return [out]
+    end = file_ending(out)
+    stem = out.name[: -len(end)] if end else out.name
+    return [out.with_name(f"{stem}_cand{i + 1}{end}") for i in range(k)]
+
+
+def incontext_file(
+    image_path: Path,
+    support: Path,
+    out: Path,
+    candidates: int = 1,
+    ensemble: int = 1,
+    tta: int = 0,
+    thr: float = 0.5,
+    model: Path | None = None,
+    task: str | None = None,
+    site: str | None = None,
+    label: int | None = None,
+    max_support: int = 64,
+    seed: int = 0,
+    device: str = "auto",
+) -> list[Path]:
+    """Segment one image file (2-D or NIfTI, slice by slice) from a support folder; returns written files."""
+    from weightzoo import incontext
+    from weightzoo.cli.segment import _check_output
+    from weightzoo.data.io import read_image, write_like
+
+    if not 0 <= thr < 1:
+        raise InputError(f"threshold {thr}", "give -thr in (0, 1), or 0 for probabilities")
+    image = read_image(image_path)
+    paths = candidate_paths(Path(out), candidates)
+    for p in paths:
+        _check_output(p, image)
+    sup_x, sup_y, _ = incontext.load_support(support, task, site, label, max_support)
+    net = incontext.load_model(model, device)
+    kw = dict(candidates=candidates, ensemble=ensemble, tta=tta, model=net, seed=seed, device=device)
+    if image.is_volume:
+        vol = image.array[0]  # canonical [X, Y, Z]; axial slices along Z
+        probs = incontext.segment_batch([vol[:, :, z] for z in range(vol.shape[2])], sup_x, sup_y, **kw)
+        prob = np.stack(probs, axis=-1)  # [K, X, Y, Z]
+    else:
+        prob = incontext.segment(image.array, sup_x, sup_y, **kw)  # [K, H, W]
+    for k, p in enumerate(paths):
+        if thr == 0:
+            write_like(p, prob[k].astype(np.float32), image, dtype=np.float32)
+        else:
+            write_like(p, (prob[k] >= thr).astype(np.uint8), image, dtype=np.uint8)
+    return paths
+
+
+def _ints(text: str, what: str) -> list[int]:
+    try:
+        vals = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise InputError(
+            f"{what} '{text}' is not a comma-separated list of integers", "e.g. 1,2,4,8"
+        ) from None
+    if not vals or min(vals) < 1:
+        raise InputError(f"{what} '{text}'", "give positive integers, e.g. 1,2,4,8")
+    return vals
+
+
+def register(app: typer.Typer) -> None:
+    ic = typer.Typer(
+        help="In-context segmentation from labelled examples, no training. With -i: segment (`weightzoo incontext -i q.png --support dir/ -o out.png`); without -i: run `train` or `eval`.",
+        invoke_without_command=True,
+    )
+
+    @ic.callback(invoke_without_command=True)
+    def incontext_main(
+        ctx: typer.Context,
+        image: Path | None = typer.Option(None, "-i", "--image", help="Query: 2-D image or NIfTI volume."),
+        support: Path | None = typer.Option(
+            None, "--support", help="Folder of NAME.ext + NAME_mask.ext pairs, or an nnU-Net raw dataset."
+        ),
+        out: Path | None = typer.Option(
+            None, "-o", "--out", help="Output mask (.png/.nii.gz on the input's grid)."
+        ),
+        candidates: int = typer.Option(
+            1, "--candidates", help="Number of plausible segmentations (one file each)."
+        ),
+        ensemble: int = typer.Option(1, "--ensemble", help="Average over this many random support subsets."),
+        tta: int = typer.Option(
+            0, "--tta", help="Also average over this many augmented copies of the support."
+        ),
+        thr: float = typer.Option(
+            0.5, "-thr", "--threshold", help="Binarisation threshold; 0 writes probabilities."
+        ),
+        model: Path | None = typer.Option(
+            None, "-m", "--model", help="Model folder (default: shipped weights)."
+        ),
+        task: str | None = typer.Option(None, "--task", help="Task of a raw-dataset support."),
+        site: str | None = typer.Option(None, "--site", help="Only this site of a raw-dataset support."),
+        label: int | None = typer.Option(None, "--label", help="Label value of multi-label support masks."),
+        max_support: int = typer.Option(64, "--max-support", help="Use at most this many support examples."),
+        seed: int = typer.Option(0, "--seed", help="Seed for noise, subsets and augmentation."),
+        device: str = typer.Option("auto", "--device", help="auto | cpu | cuda."),
+    ) -> None:
+        """Segment -i IMAGE as the --support examples define the task (or run `train` / `eval`)."""
+        if ctx.invoked_subcommand is not None:
+            if image is not None:
+                raise InputError(f"-i cannot be combined with `{ctx.invoked_subcommand}`", "drop one of them")
+            return
+        if image is None:
+            console.print(ctx.get_help())
+            raise typer.Exit(0)
+        if support is None or out is None:
+            raise InputError(
+                "segmentation needs --support and -o", "e.g. -i q.png --support examples/ -o q_seg.png"
+            )
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            written = incontext_file(
+                image,
+                support,
+                out,
+                candidates,
+                ensemble,
+                tta,
+                thr,
+                model,
+                task,
+                site,
+                label,
+                max_support,
+                seed,
+                device,
+            )
+        for w in caught:
+            console.print(f"[yellow]warning:[/] {escape(str(w.message))}", soft_wrap=True)
+        for p in written:
+            console.print(f"[green]wrote[/] {escape(str(p))}", soft_wrap=True)
+
+    @ic.command("train")
+    def train_cmd(
+        tasks: str = typer.Option(
+            "synth,phantom",
+            "--tasks",
+            help="Sources: synth, synth-shapes, synth-superpixel, phantom, raw:PATH.",
+        ),
+        out: Path = typer.Option(..., "--out", "-o", help="Model folder to write (resumes its checkpoint)."),
+        preset: str = typer.Option("cpu", "--preset", help="tiny (tests) | cpu (the shipped recipe) | gpu."),
+        steps: int | None = typer.Option(None, "--steps", help="Override the preset's steps."),
+        features: str | None = typer.Option(None, "--features", help="Channels per level, e.g. 8,16,24,32."),
+        warmup: int | None = typer.Option(None, "--warmup", help="Warm-up steps."),
+        val_tasks: int | None = typer.Option(None, "--val-tasks", help="Fixed validation tasks."),
+        seed: int = typer.Option(0, "--seed"),
+        device: str = typer.Option("auto", "--device", help="auto | cpu | cuda."),
+    ) -> None:
+        """Train an in-context model on sampled tasks (held-out tasks are refused)."""
+        import shlex
+        import sys
+
+        from weightzoo.incontext.train import InContextConfig, train_incontext
+
+        over: dict = {
+            "sources": [t.strip() for t in tasks.split(",") if t.strip()],
+            "seed": seed,
+            "device": device,
+        }
+        for key, val in (("steps", steps), ("warmup", warmup), ("val_tasks", val_tasks)):
+            if val is not None:
+                over[key] = val
+        if features:
+            over["features"] = _ints(features, "--features")
+        cfg = InContextConfig.preset(preset, **over)
+        meta = train_incontext(cfg, out, command="weightzoo " + shlex.join(sys.argv[1:]), log=console.print)
+        console.print(
+            f"[green]wrote[/] {escape(str(out))} ({meta['n_params']} parameters, {meta['seconds']:.0f} s)"
+        )
+
+    @ic.command("eval")
+    def eval_cmd(
+        model: Path | None = typer.Option(
+            None, "--model", "-m", help="Model folder (default: shipped weights)."
+        ),
+        heldout: str = typer.Option(
+            "wbc-nucleus,wbc-cell,sct-cord,sct-gm,phantom-canal",
+            "--heldout",
+            help="Held-out tasks to evaluate.",
+        ),
+        support_sizes: str = typer.Option("1,2,4,8,16,32,64", "--support-sizes"),
+        data: Path | None = typer.Option(
+            None, "--data", help="Real data root (default: ../shared/data if present)."
+        ),
+        out: Path = typer.Option(
+            Path("incontext_eval"), "--out", "-o", help="Folder for results.json + report."
+        ),
+        repeats: int = typer.Option(3, "--repeats", help="Random support draws per size."),
+        nnunet_steps: int = typer.Option(
+            150, "--nnunet-steps", help="Steps of the small nnU-Net baseline; 0 = skip."
+        ),
+        seed: int = typer.Option(0, "--seed"),
+        device: str = typer.Option("auto", "--device"),
+    ) -> None:
+        """Dice vs support size on held-out tasks (with/without ensembling, candidates, nnU-Net baseline)."""
+        from weightzoo.incontext.evaluate import run_evaluation
+
+        res = run_evaluation(
+            model,
+            [t.strip() for t in heldout.split(",") if t.strip()],
+            _ints(support_sizes, "--support-sizes"),
+            out,
+            data_root=data,
+            repeats=repeats,
+            nnunet_steps=nnunet_steps,
+            seed=seed,
+            device=device,
+            log=console.print,
+        )
+        console.print(f"[green]wrote[/] {escape(str(res['report']))}")
+
+    app.add_typer(ic, name="incontext")
+
+
+__all__ = ["candidate_paths", "incontext_file", "register"]
