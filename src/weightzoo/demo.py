@@ -20,6 +20,7 @@ import torch
 from weightzoo.data.raw import RawDataset
 from weightzoo.data.slices import load_slices
 from weightzoo.data.synth import make_phantom_dataset
+from weightzoo.errors import InputError, UnknownNameError
 from weightzoo.evaluate.report import Report
 from weightzoo.evaluate.summary import evaluate_segmenter, write_summary
 from weightzoo.fileio import atomic_write_json
@@ -27,6 +28,7 @@ from weightzoo.segmenter import NetSegmenter
 from weightzoo.train.loop import TrainConfig, TrainResult, train_model
 
 DEMO_TASKS = ("cord", "gm", "canal", "lesion")
+ROUTES = ("zoo", "generate", "heads", "incontext")
 
 
 @dataclass
@@ -40,10 +42,18 @@ class DemoSettings:
     size: int = 64
     n_slices: int = 8
     preset: str = "small"
-    steps: int = 250
+    steps: int = 150
     batch_size: int = 12
     seed: int = 0
     device: str = "auto"
+    # Later routes, each sized from a short timing to about its budget (seconds on 2 CPU cores).
+    routes: tuple[str, ...] = ROUTES
+    route_seconds: tuple[tuple[str, float], ...] = (
+        ("zoo", 45.0),
+        ("generate", 30.0),
+        ("heads", 30.0),
+        ("incontext", 10.0),
+    )
 
 
 def _stats(
@@ -127,11 +137,50 @@ def run_demo(
             + ", ".join(f"site {x} {u[0]:.3f}" for x, u in zip(other_sites, unseen, strict=True))
         )
 
-    results["seconds_total"] = round(time.perf_counter() - t_start, 1)
+    rep = Report(out, "weightzoo demo")
     results["device"] = _device_line(s.device)
+    _foundation_sections(rep, ds, s, results, trained, summaries, other_sites)
+    results["routes"] = _run_routes(rep, out, ds, s, log)
+    results["seconds_total"] = round(time.perf_counter() - t_start, 1)
+    rep.section("Reproduce")
+    rep.text(
+        f"weightzoo demo --out {out}  (seed {s.seed}; device {results['device']}; total {results['seconds_total']} s)"
+    )
+    rep.write(meta=f"weightzoo demo · {time.strftime('%Y-%m-%d %H:%M')} · {results['device']}")
     atomic_write_json(out / "summary.json", _jsonable(results))
-    _write_report(out, ds, s, results, trained, summaries, other_sites)
     return results
+
+
+def _run_routes(rep: Report, out: Path, ds: RawDataset, s: DemoSettings, log: Any) -> dict[str, Any]:
+    """The later routes on the same phantoms, each adding its own section to the report."""
+    budget = dict(s.route_seconds)
+    done: dict[str, Any] = {}
+    for route in s.routes:
+        t0 = time.perf_counter()
+        if route == "zoo":
+            from weightzoo.zoo.demo import demo_zoo
+
+            done["zoo"] = demo_zoo(out, ds, rep, log, budget["zoo"])
+        elif route == "generate":
+            from weightzoo.generate.demo import demo_generate
+
+            if "zoo" not in done:
+                raise InputError(
+                    "the generate route needs the zoo route", "run the demo with --routes zoo,generate"
+                )
+            done["generate"] = demo_generate(out, done["zoo"]["zoo"], ds, rep, log, budget["generate"])
+        elif route == "heads":
+            from weightzoo.heads.demo import demo_heads
+
+            done["heads"] = demo_heads(out, ds, rep, log, budget["heads"])
+        elif route == "incontext":
+            from weightzoo.incontext.demo import demo_incontext
+
+            done["incontext"] = demo_incontext(out, rep, log, budget["incontext"])
+        else:
+            raise UnknownNameError("demo route", route, ROUTES)
+        log(f"{route}: {time.perf_counter() - t0:.0f}s")
+    return done
 
 
 def _device_line(device: str) -> str:
@@ -166,7 +215,7 @@ def results_table(results: dict[str, Any]) -> list[dict[str, Any]]:
                 ),
                 "Dice unseen": float(np.mean(means)) if means else float("nan"),
                 **{f"Dice {k}": v["mean"] for k, v in unseen.items()},
-                "HD95 px": r["hd95_same_site"],
+                "HD95 mm": r["hd95_same_site"],
                 "train s": round(r["train_seconds"], 1),
                 "params": f"{r['n_params'] / 1e3:.0f}k",
             }
@@ -174,23 +223,22 @@ def results_table(results: dict[str, Any]) -> list[dict[str, Any]]:
     return rows
 
 
-def _write_report(
-    out: Path,
+def _foundation_sections(
+    rep: Report,
     ds: RawDataset,
     s: DemoSettings,
     results: dict[str, Any],
     trained: dict[str, TrainResult],
     summaries: dict[str, dict[str, Any]],
     other_sites: list[str],
-) -> Path:
+) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rep = Report(out, "weightzoo demo")
     rep.section(
-        "What ran",
+        "Train from scratch",
         f"Synthetic spinal-cord phantoms ({len(ds.cases())} subjects, {len(ds.sites())} sites with different "
         f"contrast, noise, bias field, resolution and field of view). One '{s.preset}' nnU-Net PlainConvUNet per "
         f"task, {s.steps} steps, trained on site {s.train_site}'s training subjects only; evaluated on the held-out "
@@ -199,7 +247,7 @@ def _write_report(
     )
     rep.table(
         results_table(results),
-        caption="Test Dice per task: same site = held-out subjects of the training site (mean ± sd); unseen = other sites' test subjects. HD95 on the same site, in pixels of the 64 px grid.",
+        caption="Test Dice per task: same site = held-out subjects of the training site (mean ± sd); unseen = other sites' test subjects. HD95 on the same site, in mm (the phantoms' voxel spacing on the 64 px grid).",
     )
     rep.text(
         "Dice is computed per subject volume on the 64 px preprocessed grid; empty reference and empty prediction "
@@ -267,12 +315,6 @@ def _write_report(
             f"overlay_{task}",
             f"{task}: reference (green) and prediction (red) on a test slice of each site.",
         )
-
-    rep.section("Reproduce")
-    rep.text(
-        f"weightzoo demo --out {out}  (seed {s.seed}; device {results['device']}; total {results['seconds_total']} s)"
-    )
-    return rep.write(meta=f"weightzoo demo · {time.strftime('%Y-%m-%d %H:%M')} · {results['device']}")
 
 
 def _overlay_figure(ds: RawDataset, seg: NetSegmenter, task: str, sites: list[str]) -> Any:

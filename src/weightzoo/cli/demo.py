@@ -15,7 +15,11 @@ def register(app: typer.Typer) -> None:
         out: Path = typer.Option(
             Path("demo_out"), "--out", "-o", help="Output folder (data, models, summary.json, report.html)."
         ),
-        steps: int = typer.Option(250, help="Training steps per task model."),
+        steps: int = typer.Option(150, help="Training steps per task model (train-from-scratch route)."),
+        routes: str = typer.Option(
+            "zoo,generate,heads,incontext",
+            help="Later routes to add after train-from-scratch (comma-separated; '' for none).",
+        ),
         tasks: str = typer.Option("cord,gm,canal,lesion", help="Comma-separated phantom tasks."),
         seed: int = typer.Option(0, help="Seed for the data and the training runs."),
         device: str = typer.Option("auto", help="auto | cpu | cuda"),
@@ -30,6 +34,7 @@ def register(app: typer.Typer) -> None:
             steps=steps,
             seed=seed,
             device=device,
+            routes=tuple(r.strip() for r in routes.split(",") if r.strip()),
         )
         results = run_demo(out, settings, progress=not quiet, log=console.print)
         rows = results_table(results)
