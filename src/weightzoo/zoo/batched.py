@@ -1,0 +1,317 @@
+"""Many runs of one ArchSpec trained together: stacked parameters, one vmapped forward/backward per step.
+
+Each run keeps its own seed (initialisation, batch indices, augmentation: `weightzoo.zoo.runs.make_batch`,
+the same draws as training it alone), its own data (sites, tasks), learning rate, weight decay and
+gradient clipping. The step is nnU-Net's recipe written for stacked tensors:
+
+  logits[m] = functional_call(net, params[m], x[m])     (torch.func.vmap: one grouped conv per layer)
+  loss      = M · DiceBCELoss(logits as [B, M·K, H, W])  (= Σ_m loss_m: batch Dice is per channel and BCE a
+                                                          mean over equal-sized runs, so run m's gradient
+                                                          is exactly the gradient of its own loss)
+  clip each run's gradient to norm grad_clip, then SGD (Nesterov, momentum 0.99) or Adam per run,
+  with the formulas of torch.optim (single-tensor implementation).
+
+Equal to training alone up to float rounding (grouped vs plain convolutions, fused vs unfused
+multiply-adds): the test bounds the difference after 10 steps. Requirements of a batch: one ArchSpec,
+batch size, step count and optimizer; no dropout (its masks come from the global RNG per run).
+
+`choose_mode` picks batched or sequential per device: on CUDA batched; on the CPU it times both on the
+actual architecture (a few steps each) and takes batched only if it is clearly faster, so the automatic
+choice is never the slower one.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+import torch
+from torch.func import functional_call, vmap
+
+from weightzoo.errors import InputError
+from weightzoo.nets.unet import ArchSpec, build_network
+from weightzoo.train.config import TrainConfig
+from weightzoo.train.loop import _determinism, autocast_dtype, poly_lr
+from weightzoo.train.losses import DiceBCELoss
+from weightzoo.zoo.grid import RunPlan
+from weightzoo.zoo.runs import RunData, Sink, evaluate_checkpoint, make_batch, pending
+
+SGD_MOMENTUM = 0.99
+ADAM_BETAS, ADAM_EPS = (0.9, 0.999), 1e-8
+CALIBRATE_MIN_STEPS = 50
+_choices: dict[tuple, str] = {}  # calibration results per (device, arch, batch, size, M)
+
+
+def group_key(plan: RunPlan, input_channels: int) -> tuple:
+    """Runs with equal keys can share a batch."""
+    c = plan.config
+    return (
+        plan.spec(input_channels).hash(),
+        c.batch_size,
+        c.steps,
+        c.optimizer,
+        tuple(c.size),
+        c.channels_last,
+        c.amp,
+    )
+
+
+def batchable(plan: RunPlan) -> bool:
+    return plan.config.dropout == 0.0
+
+
+@dataclass
+class StackedRuns:
+    """M networks of one ArchSpec as stacked parameters {name: [M, ...]} with per-run optimizer state."""
+
+    base: torch.nn.Module
+    params: dict[str, torch.Tensor]
+    optimizer: str
+    lr0: torch.Tensor  # [M] initial learning rates
+    wd: torch.Tensor  # [M] weight decay
+    clip: torch.Tensor  # [M] gradient-norm limits (0 = off)
+    state: dict[str, dict[str, torch.Tensor]]
+    n_updates: int = 0
+
+    @classmethod
+    def make(cls, spec: ArchSpec, configs: list[TrainConfig], device: torch.device) -> StackedRuns:
+        """Run m starts from build_network(spec, seed=configs[m].seed), as it would alone."""
+        nets = [build_network(spec, seed=c.seed) for c in configs]
+        if any(True for _ in nets[0].buffers()):
+            raise InputError(
+                "batched training needs a network without buffers", "train these runs sequentially"
+            )
+        names = [n for n, _ in nets[0].named_parameters()]
+        params = {
+            n: torch.stack([dict(net.named_parameters())[n].detach() for net in nets]).to(device)
+            for n in names
+        }
+        opts = {c.optimizer for c in configs}
+        if len(opts) != 1:
+            raise InputError(f"a batch mixes optimizers {sorted(opts)}", "group runs by optimizer")
+
+        def vec(vals: list[float]) -> torch.Tensor:
+            return torch.tensor(vals, dtype=torch.float32, device=device)
+
+        return cls(
+            base=build_network(spec).to(device).train(),
+            params=params,
+            optimizer=opts.pop(),
+            lr0=vec([c.learning_rate for c in configs]),
+            wd=vec([c.weight_decay for c in configs]),
+            clip=vec([c.grad_clip for c in configs]),
+            state={n: {} for n in names},
+        )
+
+    @property
+    def m(self) -> int:
+        return len(self.lr0)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x [M, B, C, H, W] -> logits [M, B, K, H, W]."""
+
+        def one(p: dict[str, torch.Tensor], xx: torch.Tensor) -> torch.Tensor:
+            return functional_call(self.base, p, (xx,))
+
+        return vmap(one)(self.params, x)
+
+    def run_forward(self, m: int) -> Callable[[torch.Tensor], torch.Tensor]:
+        """Run m's network as a function of x [B, C, H, W] (for evaluation)."""
+        p = {n: t[m].detach() for n, t in self.params.items()}
+        return lambda x: functional_call(self.base, p, (x,))
+
+    def run_state(self, m: int) -> dict[str, torch.Tensor]:
+        return {n: t[m].detach() for n, t in self.params.items()}
+
+    def step(
+        self,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        lr: torch.Tensor,
+        loss_fn: DiceBCELoss,
+        amp: torch.dtype | None,
+    ) -> None:
+        """One training step of all M runs: x [M, B, C, H, W], y [M, B, K, H, W], lr [M]."""
+        leaves = {n: t.requires_grad_(True) for n, t in self.params.items()}
+        with torch.autocast(x.device.type, dtype=amp or torch.float32, enabled=amp is not None):
+            logits = self.forward(x)
+        m, b, k = logits.shape[:3]
+        flat = logits.permute(1, 0, 2, 3, 4).reshape(b, m * k, *logits.shape[3:])
+        target = y.permute(1, 0, 2, 3, 4).reshape(b, m * k, *y.shape[3:])
+        loss = loss_fn(flat, target) * m
+        # allow_unused: the seg layers of the lower decoder stages are unused without deep supervision;
+        # like torch.optim (grad None) they are then not updated at all.
+        grads = torch.autograd.grad(loss, list(leaves.values()), allow_unused=True)
+        with torch.no_grad():
+            for t in leaves.values():
+                t.requires_grad_(False)
+            used = {n: g for n, g in zip(leaves, grads, strict=True) if g is not None}
+            clipped = self._clip(list(used.values()))
+            self._update(dict(zip(used, clipped, strict=True)), lr)
+
+    def _bcast(self, v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        return v.view(-1, *([1] * (like.ndim - 1)))
+
+    def _clip(self, grads: list[torch.Tensor]) -> list[torch.Tensor]:
+        """torch.nn.utils.clip_grad_norm_ per run: scale by min(1, clip / (total norm + 1e-6))."""
+        norms = torch.stack([g.flatten(1).float().norm(dim=1) for g in grads], 1)  # [M, n_params]
+        total = norms.norm(dim=1)
+        coef = torch.clamp(self.clip / (total + 1e-6), max=1.0)
+        coef = torch.where(self.clip > 0, coef, torch.ones_like(coef))
+        return [g * self._bcast(coef, g).to(g.dtype) for g in grads]
+
+    def _update(self, grads: dict[str, torch.Tensor], lr: torch.Tensor) -> None:
+        self.n_updates += 1
+        for n, g in grads.items():
+            p, st = self.params[n], self.state[n]
+            lr_b, wd_b = self._bcast(lr, p), self._bcast(self.wd, p)
+            g = g + wd_b * p
+            if self.optimizer == "sgd":  # torch.optim.SGD(momentum=0.99, nesterov=True)
+                buf = st.get("momentum")
+                buf = g.clone() if buf is None else buf.mul_(SGD_MOMENTUM).add_(g)
+                st["momentum"] = buf
+                p.sub_(lr_b * (g + SGD_MOMENTUM * buf))
+            else:  # torch.optim.Adam
+                b1, b2 = ADAM_BETAS
+                m1 = st.setdefault("exp_avg", torch.zeros_like(p)).lerp_(g, 1 - b1)
+                m2 = st.setdefault("exp_avg_sq", torch.zeros_like(p)).mul_(b2).addcmul_(g, g, value=1 - b2)
+                bc1, bc2 = 1 - b1**self.n_updates, 1 - b2**self.n_updates
+                denom = (m2.sqrt() / bc2**0.5).add_(ADAM_EPS)
+                p.sub_((lr_b / bc1) * m1 / denom)
+
+
+def train_batched(
+    plans: list[RunPlan],
+    datas: list[RunData],
+    device: torch.device,
+    sink: Sink,
+    skips: Iterable[Iterable[int]] | None = None,
+    on_step: Callable[[int], None] | None = None,
+) -> None:
+    """Train `plans` (one group_key, no dropout) together; hand each run's planned checkpoints not in
+    its `skips` entry to `sink`, in step order. on_step(n) is called with the runs advanced per step."""
+    if not plans:
+        return
+    keys = {group_key(p, d.x.shape[1]) for p, d in zip(plans, datas, strict=True)}
+    if len(keys) != 1 or not all(batchable(p) for p in plans):
+        raise InputError(
+            "these runs cannot be trained in one batch (different setup or dropout)",
+            "train them sequentially",
+        )
+    skips = [set(s) for s in skips] if skips is not None else [set() for _ in plans]
+    saves = [sorted(set(p.steps) - s) for p, s in zip(plans, skips, strict=True)]
+    last = max((s[-1] for s in saves if s), default=-1)
+    if last < 0:
+        return
+    cfg = plans[0].config
+    spec = plans[0].spec(datas[0].x.shape[1])
+    t0 = time.perf_counter()
+    amp = autocast_dtype(cfg, device)
+    loss_fn = DiceBCELoss()
+    with _determinism(device, cfg.deterministic):
+        runs = StackedRuns.make(spec, [p.config for p in plans], device)
+
+        def save_now(m: int, step: int) -> None:
+            ev = evaluate_checkpoint(runs.run_forward(m), datas[m], list(plans[m].tasks), loss_fn, amp)
+            sink(pending(plans[m], step, runs.run_state(m), ev, time.perf_counter() - t0, "batched"))
+
+        for m, s in enumerate(saves):
+            if s and s[0] == 0:
+                save_now(m, 0)
+        for step in range(last):
+            lr = torch.tensor(
+                [poly_lr(p.config.learning_rate, step, cfg.steps) for p in plans],
+                dtype=torch.float32,
+                device=device,
+            )
+            batches = [make_batch(p, d, step) for p, d in zip(plans, datas, strict=True)]
+            x = torch.stack([b[0] for b in batches])
+            y = torch.stack([b[1] for b in batches])
+            runs.step(x, y, lr, loss_fn, amp)
+            if on_step is not None:
+                on_step(len(plans))
+            for m, s in enumerate(saves):
+                if step + 1 in s:
+                    save_now(m, step + 1)
+
+
+def _time_steps(fn: Callable[[], None], device: torch.device, repeats: int) -> float:
+    fn()  # warm-up
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    t = time.perf_counter()
+    for _ in range(repeats):
+        fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return (time.perf_counter() - t) / repeats
+
+
+def measure_modes(
+    spec: ArchSpec, batch_size: int, size: tuple[int, int], m: int, device: torch.device, repeats: int = 2
+) -> tuple[float, float]:
+    """(seconds per step of m runs sequentially, of m runs batched) on random data, same networks.
+
+    Sequential is the real `train_step` with torch.optim.SGD; batched is `StackedRuns.step`."""
+    from weightzoo.train.loop import make_optimizer, train_step
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(m, batch_size, spec.input_channels, *size, generator=g).to(device)
+    y = (torch.rand(m, batch_size, spec.num_classes, *size, generator=g) > 0.8).to(torch.uint8).to(device)
+    cfg = TrainConfig(
+        tasks=[f"t{k}" for k in range(spec.num_classes)], preset="tiny", size=size, batch_size=batch_size
+    )
+    loss_fn = DiceBCELoss()
+    amp = autocast_dtype(cfg, device)
+    nets = [build_network(spec, seed=i).to(device).train() for i in range(m)]
+    opts = [make_optimizer(n, cfg) for n in nets]
+
+    def sequential() -> None:
+        for i in range(m):
+            train_step(nets[i], opts[i], loss_fn, x[i], y[i], amp, cfg.grad_clip)
+
+    runs = StackedRuns.make(spec, [cfg] * m, device)
+    lr = torch.full((m,), cfg.learning_rate, device=device)
+
+    def batched() -> None:
+        runs.step(x, y, lr, loss_fn, amp)
+
+    return _time_steps(sequential, device, repeats), _time_steps(batched, device, repeats)
+
+
+def choose_mode(
+    spec: ArchSpec,
+    batch_size: int,
+    size: tuple[int, int],
+    n_runs: int,
+    device: torch.device,
+    requested: str = "auto",
+    log: Callable[[str], None] | None = None,
+    steps: int | None = None,
+) -> str:
+    """'batched' or 'sequential' for n_runs compatible runs of `steps` steps. 'auto': sequential for one
+    run; batched on CUDA; on the CPU, batched only if a timing of both (the n_runs, 3 steps each,
+    cached per setup) shows it >= 15% faster, and sequential without timing for runs shorter than
+    CALIBRATE_MIN_STEPS (the timing would cost more than it could save)."""
+    if requested in ("batched", "sequential"):
+        return requested if n_runs > 1 or requested == "sequential" else "sequential"
+    if requested != "auto":
+        raise InputError(f"unknown training mode '{requested}'", "use auto, batched or sequential")
+    if n_runs < 2:
+        return "sequential"
+    if device.type == "cuda":
+        return "batched"
+    if steps is not None and steps < CALIBRATE_MIN_STEPS:
+        return "sequential"
+    m = n_runs  # time the batch as it will run: on the CPU batched won at M = 8 and lost at M = 32
+    key = (str(device), spec.hash(), batch_size, tuple(size), m)
+    if key not in _choices:
+        t_seq, t_bat = measure_modes(spec, batch_size, size, m, device)
+        _choices[key] = "batched" if t_bat < 0.85 * t_seq else "sequential"
+        if log is not None:
+            log(
+                f"calibration on {device}: {m} runs · sequential {t_seq * 1e3:.0f} ms/step, "
+                f"batched {t_bat * 1e3:.0f} ms/step → {_choices[key]}"
+            )
+    return _choices[key]

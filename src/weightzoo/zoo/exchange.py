@@ -1,0 +1,170 @@
+"""Between a zoo and nnU-Net results folders: ingest a lab's trained nnU-Nets, export a checkpoint.
+
+The reading and writing of nnU-Net's files is weightzoo.zoo.nnunet's; this module maps them onto
+the zoo's runs and checkpoints.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+
+def ingest_results(
+    folder: str | Path, zoo_path: str | Path, split: str = "train", sites: list[str] | None = None
+) -> dict[str, int]:
+    """Add every checkpoint of an nnU-Net results folder to a zoo (one run per trainer folder and fold).
+
+    Per-task val_dice comes from nnU-Net's `dice_per_class_or_region` (foreground heads), task "*"
+    holds ema_fg_dice and mean_fg_dice; the step is nnU-Net's epoch. Idempotent."""
+    from weightzoo.zoo.nnunet import read_nnunet_results
+    from weightzoo.zoo.store import PendingCheckpoint, Zoo
+
+    found = read_nnunet_results(folder)
+    runs: dict[str, list[Any]] = {}
+    for ck in found:
+        key = json.dumps(
+            [
+                ck.dataset_name,
+                ck.trainer_name,
+                ck.plans_name,
+                ck.configuration,
+                ck.fold,
+                ck.spec.hash(),
+                str(ck.path.parent.parent.resolve()),
+            ]
+        )
+        runs.setdefault(hashlib.sha256(key.encode()).hexdigest()[:16], []).append(ck)
+    added = {"runs": 0, "checkpoints": 0, "skipped_runs": 0}
+    with Zoo(zoo_path, create=True, writable=True) as z:
+        for run_id, cks in runs.items():
+            by_epoch: dict[int, Any] = {}
+            for ck in cks:  # final, best, latest: the first at an epoch wins (same epoch, same weights)
+                by_epoch.setdefault(ck.epoch, ck)
+            first = cks[0]
+            z.add_dataset(first.dataset_name, first.dataset_json, {"source": "nnunet"})
+            new = z.add_run(
+                run_id,
+                first.spec,
+                first.tasks,
+                sites or [],
+                split,
+                len(by_epoch),
+                config={
+                    "trainer_name": first.trainer_name,
+                    "plans_name": first.plans_name,
+                    "configuration": first.configuration,
+                },
+                dataset=first.dataset_name,
+                source="nnunet",
+                info={
+                    "folder": str(first.path.parent.parent),
+                    "fold": first.fold,
+                    "trainer_name": first.trainer_name,
+                    "configuration": first.configuration,
+                    "output_kind": first.output_kind,
+                    "task_labels": first.task_labels,
+                    "mirror_axes": list(first.mirror_axes) if first.mirror_axes is not None else None,
+                    "plans": first.plans,
+                    "dataset_json": first.dataset_json,
+                },
+            )
+            if not new and z.run(run_id).status == "done":
+                added["skipped_runs"] += 1
+                continue
+            fg = first.tasks[1:] if first.output_kind == "softmax" else first.tasks
+            items = []
+            for epoch, ck in sorted(by_epoch.items()):
+                m = ck.metrics
+                per = m.get("dice_per_class_or_region") or []
+                metrics: dict[str, dict[str, float | None]] = {
+                    t: {"val_dice": float(d) if d is not None else None}
+                    for t, d in zip(fg, per, strict=False)
+                }
+                metrics["*"] = {k: m.get(k) for k in ("ema_fg_dice", "mean_fg_dice") if m.get(k) is not None}
+                own = ck.info if ck.info.get("zoo_checkpoint") else {}  # one of our exports: its zoo metrics
+                for t, vals in (own.get("metrics") or {}).items():
+                    metrics.setdefault(t, {}).update(vals)
+                items.append(
+                    PendingCheckpoint(
+                        run_id,
+                        epoch,
+                        ck.checkpoint,
+                        ck.state,
+                        train_loss=m.get("train_loss")
+                        if m.get("train_loss") is not None
+                        else own.get("train_loss"),
+                        val_loss=m.get("val_loss") if m.get("val_loss") is not None else own.get("val_loss"),
+                        lr=(ck.history.get("lrs") or [None])[-1],
+                        metrics={k: v for k, v in metrics.items() if v},
+                        info={"file": str(ck.path), "checkpoint": ck.checkpoint},
+                    )
+                )
+            added["checkpoints"] += len(z.commit(items, done_runs=[run_id]))
+            added["runs"] += 1
+    return added
+
+
+def export_checkpoint(
+    zoo_path: str | Path, ckpt_id: str, out_dir: str | Path, overwrite: bool = False
+) -> Path:
+    """Write checkpoint `ckpt_id` as an nnU-Net v2 results folder under `out_dir` (= nnUNet_results);
+    returns the written checkpoint_final.pth."""
+    from weightzoo.errors import InputError
+    from weightzoo.zoo.nnunet import nnunet_dataset_json, write_nnunet_results
+    from weightzoo.zoo.store import Zoo
+
+    with Zoo(zoo_path) as z:
+        rec = z.checkpoint(ckpt_id)
+        run = z.run(rec.run_id)
+        spec = z.spec(run.arch_hash)
+        state = z.load(rec)
+        info = {
+            "zoo_checkpoint": ckpt_id,
+            "run_id": run.run_id,
+            "step": rec.step,
+            "tasks": run.tasks,
+            "metrics": rec.metrics,
+            "train_loss": rec.train_loss,
+            "val_loss": rec.val_loss,
+        }
+        if run.source == "nnunet":
+            djson, plans = run.info["dataset_json"], run.info["plans"]
+            config, trainer = run.info["configuration"], run.info["trainer_name"]
+            name = plans.get("dataset_name", run.dataset or "Dataset999_weightzoo")
+            mirror = run.info.get("mirror_axes")
+            kwargs: dict[str, Any] = {}
+        else:
+            src = z.dataset_json(run.dataset or "") or {}
+            tasks = src.get("tasks") or {}
+            missing = [t for t in run.tasks if t not in tasks]
+            if missing:
+                raise InputError(
+                    f"the zoo does not know the label values of task(s) {missing}",
+                    "rebuild the zoo",
+                    zoo_path,
+                )
+            prep = run.info.get("preprocessing", {})
+            name = run.dataset or "Dataset999_weightzoo"
+            djson = nnunet_dataset_json(
+                src.get("channel_names", {"0": "image"}),
+                {t: tasks[t] for t in run.tasks},
+                src.get("file_ending", ".nii.gz"),
+                name=name.split("_", 1)[-1],
+            )
+            plans, config, trainer = None, "2d", "nnUNetTrainer"
+            mirror = [0, 1] if run.config.get("augment", 0) > 0 else None
+            kwargs = {
+                "dataset_name": name,
+                "patch_size": prep.get("size", [64, 64]),
+                "normalization": prep.get("normalization", "zscore"),
+            }
+        folder = (
+            Path(out_dir) / name / f"{trainer}__{(plans or {}).get('plans_name', 'nnUNetPlans')}__{config}"
+        )
+        return write_nnunet_results(
+            folder, spec, state, djson, plans, configuration=config, trainer_name=trainer, mirror_axes=mirror,
+            info=info, overwrite=overwrite, **kwargs,
+        )  # fmt: skip
