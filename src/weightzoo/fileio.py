@@ -8,7 +8,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from weightzoo.errors import InputError
+from weightzoo.errors import InputError, ModelError
 
 _UMASK = os.umask(0)
 os.umask(_UMASK)
@@ -44,3 +44,23 @@ def read_json(path: str | Path, what: str = "JSON file") -> Any:
         return json.loads(p.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise InputError(f"{what} is not valid JSON ({e})", "fix or re-create it", p) from None
+
+
+def read_folder_description(
+    folder: str | Path, filename: str, fmt: str, made_by: str, kind: str, required: tuple[str, ...] = ()
+) -> dict[str, Any]:
+    """Read `folder/filename` (model.json, heads.json, generator.json) and check its `format` tag and
+    required keys; one-line ModelError naming the file and the command that writes such a folder."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise ModelError(f"{kind} folder not found", f"give the folder written by `{made_by}`", folder)
+    meta = read_json(folder / filename, filename)
+    missing = [k for k in required if k not in meta]
+    if not isinstance(meta, dict) or meta.get("format") != fmt or missing:
+        lacks = f" (lacks {missing[0]})" if missing else ""
+        raise ModelError(
+            f"{filename} is not a {fmt.replace('-', ' ')} description{lacks}",
+            f"use a folder written by `{made_by}`",
+            folder / filename,
+        )
+    return meta

@@ -25,7 +25,7 @@ from safetensors.torch import load_file, save_file
 from weightzoo.data.io import Image
 from weightzoo.data.slices import Preprocessing, case_slices, normalize_case, resize
 from weightzoo.errors import ModelError
-from weightzoo.fileio import atomic_write_json, read_json
+from weightzoo.fileio import atomic_write_json, read_folder_description
 from weightzoo.nets.unet import (
     ArchSpec,
     build_network,
@@ -143,19 +143,7 @@ def save_model(
 
 
 def read_model_json(folder: str | Path) -> dict[str, Any]:
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise ModelError(
-            "model folder not found", "give the folder written by `weightzoo train` (-m runs/NAME)", folder
-        )
-    meta = read_json(folder / MODEL_JSON, "model.json")
-    if meta.get("format") != MODEL_FORMAT:
-        raise ModelError(
-            "model.json is not a weightzoo model description",
-            "use a folder written by `weightzoo train`",
-            folder / MODEL_JSON,
-        )
-    return meta
+    return read_folder_description(folder, MODEL_JSON, MODEL_FORMAT, "weightzoo train", "model")
 
 
 def load_model(folder: str | Path, device: str = "auto") -> NetSegmenter:

@@ -45,7 +45,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save as safetensors_bytes
 
 from weightzoo.errors import InputError, ModelError, UnknownNameError
-from weightzoo.fileio import atomic_write_bytes, atomic_write_json, read_json
+from weightzoo.fileio import atomic_write_bytes, atomic_write_json, read_folder_description, read_json
 from weightzoo.generate.diffusion import EMA, DiffusionConfig, ParamDiffusion, cosine_alpha_bar, q_sample
 from weightzoo.generate.vectors import TaskLayout, base_key
 from weightzoo.nets.unet import ArchSpec
@@ -300,19 +300,7 @@ def read_state(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
 
 
 def read_generator_json(folder: str | Path) -> dict[str, Any]:
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise ModelError(
-            "generator folder not found", "give the folder written by `weightzoo generate train`", folder
-        )
-    meta = read_json(folder / GEN_JSON, "generator.json")
-    if meta.get("format") != GEN_FORMAT:
-        raise ModelError(
-            "not a weightzoo generator",
-            "use a folder written by `weightzoo generate train`",
-            folder / GEN_JSON,
-        )
-    return meta
+    return read_folder_description(folder, GEN_JSON, GEN_FORMAT, "weightzoo generate train", "generator")
 
 
 def build_model(meta: dict[str, Any]) -> tuple[ParamDiffusion, TaskLayout]:

@@ -36,7 +36,7 @@ from torch import nn
 
 from weightzoo.data.slices import Preprocessing
 from weightzoo.errors import InputError, ModelError, UnknownNameError, WeightzooWarning
-from weightzoo.fileio import atomic_write_bytes, atomic_write_json, read_json
+from weightzoo.fileio import atomic_write_bytes, atomic_write_json, read_folder_description
 from weightzoo.nets.unet import (
     ArchSpec,
     build_network,
@@ -350,21 +350,7 @@ def is_heads_folder(folder: str | Path) -> bool:
 
 
 def read_heads_json(folder: str | Path) -> dict[str, Any]:
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise ModelError(
-            "heads model folder not found", "give the folder written by `weightzoo heads train`", folder
-        )
-    meta = read_json(folder / HEADS_JSON, "heads.json")
-    missing = [
-        k
-        for k in ("arch", "tasks", "preprocessing", "head_stages", "backbone_hash", "heads")
-        if k not in meta
-    ]
-    if meta.get("format") != HEADS_FORMAT or missing:
-        raise ModelError(
-            "heads.json is not a weightzoo heads description" + (f" (lacks {missing[0]})" if missing else ""),
-            "use a folder written by `weightzoo heads train`",
-            folder / HEADS_JSON,
-        )
-    return meta
+    required = ("arch", "tasks", "preprocessing", "head_stages", "backbone_hash", "heads")
+    return read_folder_description(
+        folder, HEADS_JSON, HEADS_FORMAT, "weightzoo heads train", "heads model", required
+    )
