@@ -6,7 +6,7 @@ trained one after the other (`sequential`, torch.optim + nn.Module, as `weightzo
 together (`batched`, vmapped stacked parameters). Timed: training, evaluation at every saved
 checkpoint and the atomic commits — a zoo build minus loading the slices (done once). Reported:
 model-steps/s = M·steps / seconds, checkpoints/minute, and the batched/sequential ratio measured in
-the same run.
+the same run (in ABBA order, `--repeats` rounds, medians: the machine's load may drift).
 
     python benchmarks/zoo_build.py                 # CPU (and CUDA when visible)
     python benchmarks/zoo_build.py --quick         # tiny preset, M = 1 and 8
@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -86,6 +87,7 @@ def main() -> None:
     ap.add_argument("--runs", type=int, nargs="*", default=None, help="values of M (default 1 8 32 128)")
     ap.add_argument("--presets", nargs="*", default=None, help="default: tiny small")
     ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+    ap.add_argument("--repeats", type=int, default=1, help="ABBA rounds per row (medians reported)")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -119,14 +121,21 @@ def main() -> None:
                 n_params = count_parameters(build_network(ArchSpec.preset(preset)))
                 bench(ds, data, preset, 2, "batched", 2, 0, device, root / "warmup")  # imports, kernels
                 for m in ms:
-                    t_seq = bench(
-                        ds, data, preset, m, "sequential", args.steps, args.checkpoints, device, root
-                    )
-                    t_bat = (
-                        bench(ds, data, preset, m, "batched", args.steps, args.checkpoints, device, root)
+                    # ABBA order, medians: cancels a machine load that drifts during the measurement
+                    order = (
+                        ["sequential", "batched", "batched", "sequential"] * args.repeats
                         if m > 1
-                        else t_seq
+                        else ["sequential"] * args.repeats
                     )
+                    times: dict[str, list[float]] = {"sequential": [], "batched": []}
+                    for i, mode in enumerate(order):
+                        times[mode].append(
+                            bench(
+                                ds, data, preset, m, mode, args.steps, args.checkpoints, device, root / str(i)
+                            )
+                        )
+                    t_seq = statistics.median(times["sequential"])
+                    t_bat = statistics.median(times["batched"]) if m > 1 else t_seq
                     sps = [m * args.steps / t for t in (t_seq, t_bat)]
                     cpm = [60 * m * n_ck / t for t in (t_seq, t_bat)]
                     print(
