@@ -218,7 +218,9 @@ def register(app: typer.Typer) -> None:
         ),
         support_sizes: str = typer.Option("1,2,4,8,16,32,64", "--support-sizes"),
         data: Path | None = typer.Option(
-            None, "--data", help="Real data root (default: ../shared/data if present)."
+            None,
+            "--data",
+            help="Real data root holding wbc/ and sct_testing_data/ (tasks needing it are skipped without it).",
         ),
         out: Path = typer.Option(
             Path("incontext_eval"), "--out", "-o", help="Folder for results.json + report."
