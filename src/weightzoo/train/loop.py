@@ -262,7 +262,8 @@ def _determinism(device: torch.device, enabled: bool) -> Iterator[None]:
         torch.use_deterministic_algorithms(old_algos, warn_only=old_warn)
 
 
-def _progress(enabled: bool, total: int, start: int) -> Any:
+def progress_bar(label: str, enabled: bool, total: int, start: int = 0) -> Any:
+    """A rich progress bar (label, bar, n/total, times, a free `status` field) and its task id."""
     from rich.progress import (
         BarColumn,
         MofNCompleteColumn,
@@ -273,7 +274,7 @@ def _progress(enabled: bool, total: int, start: int) -> Any:
     )
 
     prog = Progress(
-        TextColumn("[bold]train[/]"),
+        TextColumn(label),
         BarColumn(),
         MofNCompleteColumn(),
         TimeElapsedColumn(),
@@ -282,7 +283,7 @@ def _progress(enabled: bool, total: int, start: int) -> Any:
         disable=not enabled,
         transient=False,
     )
-    return prog, prog.add_task("train", total=total, completed=start, status="")
+    return prog, prog.add_task(label, total=total, completed=start, status="")
 
 
 # ---- the run ---------------------------------------------------------------------------------------
@@ -429,7 +430,7 @@ def train_on_slices(
                 "generators": "batch indices, augmentation and dropout are re-seeded from (seed, step)",
             }
 
-        prog, bar = _progress(progress, cfg.steps, start)
+        prog, bar = progress_bar("[bold]train[/]", progress, cfg.steps, start)
         with prog:
             for step in range(start, cfg.steps):
                 lr = poly_lr(cfg.learning_rate, step, cfg.steps)

@@ -25,6 +25,7 @@ from weightzoo.data.raw import RawDataset
 from weightzoo.data.slices import Preprocessing
 from weightzoo.errors import InputError
 from weightzoo.segmenter import resolve_device
+from weightzoo.train.loop import progress_bar
 from weightzoo.zoo.batched import batchable, choose_mode, group_key, train_batched
 from weightzoo.zoo.grid import Grid, RunPlan, load_grid
 from weightzoo.zoo.runs import RunData, load_zoo_data, train_sequential
@@ -216,8 +217,11 @@ def build_zoo(
             f"zoo {zoo.path}: {len(plans)} runs ({n_ckpt} checkpoints) planned on {ds.name}; "
             f"{len(done)} done, {len(todo)} to train on {dev}"
         )
-        prog, bar = _progress(
-            progress, n_ckpt, n_ckpt - sum(p.n_planned - len(skips[p.run_id]) for p in todo)
+        prog, bar = progress_bar(
+            "[bold]zoo[/] checkpoints",
+            progress,
+            n_ckpt,
+            n_ckpt - sum(p.n_planned - len(skips[p.run_id]) for p in todo),
         )
         writer = CheckpointWriter(
             zoo,
@@ -260,24 +264,3 @@ def build_zoo(
             modes=modes,
             device=str(dev),
         )
-
-
-def _progress(enabled: bool, total: int, start: int) -> Any:
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        TextColumn,
-        TimeElapsedColumn,
-        TimeRemainingColumn,
-    )
-
-    prog = Progress(
-        TextColumn("[bold]zoo[/] checkpoints"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        TimeRemainingColumn(),
-        disable=not enabled,
-    )
-    return prog, prog.add_task("zoo", total=total, completed=start)
