@@ -315,6 +315,38 @@ def test_merge_cli_stacks_specialists_into_one_network(zoo_path: Path, tmp_path:
     assert cli(["merge", "-z", zoo_path, "-t", "cord,lesion", "-o", tmp_path / "x"]) == 2
 
 
+def test_zoo_export_accepts_generated_and_merged_model_folders(
+    zoo_path: Path, gen_dir: Path, tiny_phantom_dataset: RawDataset, tmp_path: Path
+) -> None:
+    """`net/` and `merged/` go to nnU-Net results folders bit-exactly, with the dataset's label values."""
+    from weightzoo.segmenter import load_model
+    from weightzoo.zoo.nnunet import read_checkpoint
+
+    net, merged = tmp_path / "net", tmp_path / "merged"
+    sample = ["generate", "sample", "-g", gen_dir, "-t", "cord", "-s", "A", "--target-dice", "0.9"]
+    assert cli([*sample, "--from-init", 3, "-o", net]) == 0
+    assert (
+        cli(["merge", "-z", zoo_path, "-t", "cord,gm", "--method", "average", "-s", "A", "-o", merged]) == 0
+    )
+    for folder in (net, merged):
+        out = tmp_path / f"nnunet_{folder.name}"
+        assert cli(["zoo", "export", folder, out]) == 0
+        (pth,) = out.glob("Dataset*/nnUNetTrainer__nnUNetPlans__2d/fold_0/checkpoint_final.pth")
+        ck = read_checkpoint(pth)
+        seg = load_model(folder, "cpu")
+        assert ck.spec == seg.spec
+        mine = real_state_dict(seg.net)
+        assert mine.keys() == ck.state.keys() and all(torch.equal(mine[k], ck.state[k]) for k in mine)
+        labels = (pth.parent.parent / "dataset.json").read_text()
+        for t in seg.tasks:  # the phantom dataset's own label values, not 1..K
+            assert str(tiny_phantom_dataset.task_labels(t)[0]) in labels and t in labels
+        assert pth.parent.parent.parent.name == tiny_phantom_dataset.name
+        assert cli(["zoo", "export", folder, out]) == 2  # exists: --overwrite needed
+        assert cli(["zoo", "export", folder, out, "--overwrite"]) == 0
+    assert cli(["zoo", "export", net, tmp_path / "a", tmp_path / "b"]) == 2  # model folder: one output
+    assert cli(["zoo", "export", zoo_path, tmp_path / "c"]) == 2  # zoo: a checkpoint id is needed
+
+
 # ---- evaluation and demo --------------------------------------------------------------------------------
 def test_generate_eval_scores_selected_networks_on_test(
     zoo_path: Path, gen_dir: Path, tiny_phantom_dataset: RawDataset, tmp_path: Path

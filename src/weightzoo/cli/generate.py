@@ -247,7 +247,10 @@ def register(app: typer.Typer) -> None:
         info = runs[0].info.get("preprocessing") if runs else None
         prep = Preprocessing.from_dict(info) if info else _prep_from_config(runs[0].config if runs else {})
         res = merge_zoo(z, task_list, method, site, seed, lam, density, ds_path, prep)
-        save_merged(res, out, prep, {"zoo": str(zoo)})
+        info_out = {"zoo": str(zoo.resolve()), "dataset": runs[0].dataset if runs else None}
+        if ds_path is not None:
+            info_out["dataset_path"] = str(Path(ds_path).resolve())
+        save_merged(res, out, prep, info_out)
         val = (
             f" · val Dice {', '.join(f'{t} {v:.3f}' for t, v in res.val_dice.items())}"
             if res.val_dice

@@ -199,16 +199,50 @@ def ingest(
 
 @zoo_app.command("export")
 def export(
-    zoo: Path = typer.Argument(..., help="Zoo folder."),
-    ckpt_id: str = typer.Argument(..., help="Checkpoint id (see `weightzoo zoo ls --runs`)."),
-    out_dir: Path = typer.Argument(..., help="nnU-Net results folder to write into (nnUNet_results)."),
+    source: Path = typer.Argument(
+        ..., help="Zoo folder, or a model folder (net/, merged/, a trained model)."
+    ),
+    ckpt_id: str = typer.Argument(
+        ...,
+        metavar="CKPT_ID|OUT_DIR",
+        help="Checkpoint id (see `zoo ls --runs`); for a model folder: OUT_DIR.",
+    ),
+    out_dir: Path = typer.Argument(None, help="nnU-Net results folder to write into (nnUNet_results)."),
+    dataset: Path = typer.Option(
+        None,
+        "--dataset",
+        "-d",
+        help="Model folders: dataset whose label values to write (default: the model's own).",
+    ),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing export."),
 ) -> None:
-    """Write one checkpoint as an nnU-Net v2 results folder that nnU-Net's predictor loads."""
-    from weightzoo.zoo.exchange import export_checkpoint
+    """Write a zoo checkpoint (ZOO CKPT_ID OUT_DIR) or a model folder (MODEL_DIR OUT_DIR) as an nnU-Net v2
+    results folder that nnU-Net's predictor loads."""
+    from weightzoo.errors import InputError
+    from weightzoo.segmenter import MODEL_JSON
+    from weightzoo.zoo.exchange import export_checkpoint, export_model_folder
 
-    path = export_checkpoint(zoo, ckpt_id, out_dir, overwrite)
-    console.print(f"exported {ckpt_id} to [bold]{path.parent.parent}[/] (nnUNet_results={out_dir}, fold 0)")
+    if (source / MODEL_JSON).is_file():
+        if out_dir is not None:
+            raise InputError(
+                f"{source} is a model folder: give only an output folder",
+                f"weightzoo zoo export {source} OUT_DIR",
+            )
+        out = Path(ckpt_id)
+        path = export_model_folder(source, out, overwrite, dataset)
+        what = str(source)
+    else:
+        if out_dir is None:
+            raise InputError(
+                f"{source} is not a model folder (no {MODEL_JSON}): a zoo needs a checkpoint id and an output folder",
+                f"weightzoo zoo export {source} CKPT_ID OUT_DIR",
+            )
+        if dataset is not None:
+            raise InputError("--dataset applies to model folders only", "drop --dataset")
+        out = out_dir
+        path = export_checkpoint(source, ckpt_id, out, overwrite)
+        what = ckpt_id
+    console.print(f"exported {what} to [bold]{path.parent.parent}[/] (nnUNet_results={out}, fold 0)")
 
 
 def register(app: typer.Typer) -> None:

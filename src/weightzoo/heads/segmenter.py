@@ -188,23 +188,10 @@ def export_head(folder: str | Path, site: str, out_dir: str | Path, nnunet: bool
 
 def write_nnunet_export(hm: HeadedModel, site: str, parent: Path, info: dict[str, Any]) -> Path:
     """Backbone + head `site` as an nnU-Net v2 trainer folder under `parent`; returns the .pth path."""
-    import re
+    from weightzoo.zoo.exchange import export_network
 
-    from weightzoo.zoo.nnunet import nnunet_dataset_json, write_nnunet_results
-
-    name = str(hm.info.get("dataset", ""))
-    name = name if re.fullmatch(r"Dataset\d{3}_[A-Za-z0-9_\-]+", name) else "Dataset999_weightzoo"
-    channels = hm.info.get("channel_names") or {str(i): f"channel{i}" for i in range(hm.spec.input_channels)}
-    labels = hm.info.get("task_labels") or {t: [i + 1] for i, t in enumerate(hm.tasks)}
-    ending = str(hm.info.get("file_ending", ".nii.gz"))
-    return write_nnunet_results(
-        parent / name / "nnUNetTrainer__nnUNetPlans__2d",
-        hm.spec,
-        hm.full_state(site),
-        nnunet_dataset_json(channels, {t: labels[t] for t in hm.tasks}, ending, name),
-        info=info,
-        overwrite=True,
-        dataset_name=name,
-        patch_size=list(hm.preprocessing.size),
-        normalization=hm.preprocessing.normalization,
+    desc = {k: hm.info.get(k) for k in ("channel_names", "task_labels", "file_ending")}
+    desc["name"] = hm.info.get("dataset")
+    return export_network(
+        parent, hm.spec, hm.full_state(site), hm.tasks, hm.preprocessing, desc, info, overwrite=True
     )

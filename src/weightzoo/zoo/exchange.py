@@ -168,3 +168,110 @@ def export_checkpoint(
             folder, spec, state, djson, plans, configuration=config, trainer_name=trainer, mirror_axes=mirror,
             info=info, overwrite=overwrite, **kwargs,
         )  # fmt: skip
+
+
+def export_network(
+    parent: str | Path,
+    spec: Any,
+    state: Any,
+    tasks: list[str],
+    preprocessing: Any,
+    description: dict[str, Any],
+    info: dict[str, Any],
+    overwrite: bool = False,
+) -> Path:
+    """A network given as (spec, real state dict) as an nnU-Net v2 trainer folder under `parent`
+    (= nnUNet_results): `Dataset.../nnUNetTrainer__nnUNetPlans__2d/fold_0/checkpoint_final.pth`.
+
+    description: `name` (DatasetXXX_Name), `channel_names`, `task_labels`, `file_ending`."""
+    import re
+
+    from weightzoo.zoo.nnunet import nnunet_dataset_json, write_nnunet_results
+
+    name = str(description.get("name") or "")
+    name = name if re.fullmatch(r"Dataset\d{3}_[A-Za-z0-9_\-]+", name) else "Dataset999_weightzoo"
+    channels = description.get("channel_names") or {str(i): f"channel{i}" for i in range(spec.input_channels)}
+    labels = description.get("task_labels") or {t: [i + 1] for i, t in enumerate(tasks)}
+    ending = str(description.get("file_ending") or ".nii.gz")
+    return write_nnunet_results(
+        Path(parent) / name / "nnUNetTrainer__nnUNetPlans__2d",
+        spec,
+        state,
+        nnunet_dataset_json(channels, {t: labels[t] for t in tasks}, ending, name),
+        info=info,
+        overwrite=overwrite,
+        dataset_name=name,
+        patch_size=list(preprocessing.size),
+        normalization=preprocessing.normalization,
+    )
+
+
+def _description_of(meta: dict[str, Any], dataset: str | Path | None) -> dict[str, Any] | None:
+    """Dataset name, channels, label values and file ending for a model folder's tasks, from (in order)
+    `dataset`, the model's own info, the dataset folder it was trained on, or the zoo it came from."""
+    from weightzoo.data.raw import RawDataset
+
+    info = meta.get("info") or {}
+    if dataset is None and info.get("task_labels"):
+        return {
+            "name": info.get("dataset"),
+            "channel_names": info.get("channel_names"),
+            "task_labels": info["task_labels"],
+            "file_ending": info.get("file_ending"),
+        }
+    candidates = [dataset] if dataset is not None else [info.get("dataset_path")]
+    for path in candidates:
+        if path and (Path(path) / "dataset.json").is_file():
+            ds = RawDataset.open(path)
+            return {
+                "name": ds.name,
+                "channel_names": dict(ds.meta["channel_names"]),
+                "task_labels": {t: ds.task_labels(t) for t in meta["tasks"] if t in ds.tasks},
+                "file_ending": ds.file_ending,
+            }
+    if dataset is None and info.get("zoo") and info.get("dataset") and Path(info["zoo"]).is_dir():
+        from weightzoo.zoo.store import Zoo
+
+        with Zoo(info["zoo"]) as z:
+            dj = z.dataset_json(str(info["dataset"])) or {}
+        if dj.get("tasks"):
+            return {
+                "name": info["dataset"],
+                "channel_names": dj.get("channel_names"),
+                "task_labels": dj["tasks"],
+                "file_ending": dj.get("file_ending"),
+            }
+    return None
+
+
+def export_model_folder(
+    model_dir: str | Path, out_dir: str | Path, overwrite: bool = False, dataset: str | Path | None = None
+) -> Path:
+    """Write a weightzoo model folder (from `train`, `generate sample`, `merge`, `heads export`) as an
+    nnU-Net v2 results folder under `out_dir` (= nnUNet_results); returns the checkpoint_final.pth.
+
+    Label values come from `dataset`, the model's info, its training dataset or its zoo; when none is
+    found, task k is written as label k+1 with a WeightzooWarning."""
+    import warnings
+
+    from weightzoo.errors import WeightzooWarning
+    from weightzoo.segmenter import load_model, read_model_json
+
+    meta = read_model_json(model_dir)
+    seg = load_model(model_dir, "cpu")  # checks the weights against the architecture
+    desc = _description_of(meta, dataset)
+    missing = [t for t in seg.tasks if t not in ((desc or {}).get("task_labels") or {})]
+    if desc is None or missing:
+        warnings.warn(
+            f"{model_dir}: label values of task(s) {missing or seg.tasks} unknown; wrote task k as label k+1 "
+            "(pass --dataset DATASET to use the dataset's label values)",
+            WeightzooWarning,
+            stacklevel=2,
+        )
+        desc = {**(desc or {}), "task_labels": {t: [i + 1] for i, t in enumerate(seg.tasks)}}
+    from weightzoo.nets.unet import real_state_dict
+
+    info = {"model_folder": str(model_dir), "route": meta.get("route"), "tasks": seg.tasks}
+    return export_network(
+        out_dir, seg.spec, real_state_dict(seg.net), seg.tasks, seg.preprocessing, desc, info, overwrite
+    )

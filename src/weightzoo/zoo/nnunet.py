@@ -525,7 +525,9 @@ def write_nnunet_results(
     ckpt_path = out / f"fold_{fold}" / checkpoint_name
     if ckpt_path.exists() and not overwrite:
         raise InputError(
-            "checkpoint already exists", "choose another folder or pass overwrite=True", ckpt_path
+            "checkpoint already exists",
+            "choose another folder or pass --overwrite (overwrite=True)",
+            ckpt_path,
         )
     check_state_dict(spec, dict(state), "weights to export")
     channels = dataset_json.get("channel_names") or {}
