@@ -3,7 +3,13 @@ with several seeds, and run `generate eval` (weightzoo.generate.evaluate) on the
 the generator's design (token encoder, permutation augmentation, fresh-init augmentation).
 
     python benchmarks/generate_eval.py --work /tmp/wz_gen_bench --threads 1  # CPU: ~30 min + the zoo
-    python benchmarks/generate_eval.py --work W --preset small --steps 20000 --device cuda   # a GPU
+    python benchmarks/generate_eval.py --work W --zoo-preset small --zoo-seeds 10 --preset small \
+        --device cuda --jobs 3 --gen-budget-s 600 --no-ablation                               # a GPU
+
+--jobs N trains N generators at once (separate processes; on a GPU they share it). --gen-budget-s B
+chooses the generator's steps so that training takes about B seconds: a probe trains the N
+generators together for a few steps, and steps = B / (seconds per step), clamped to [500, the preset's].
+The steps used and the probe's timing are written to results.json and the tables.
 
 Prints markdown tables (also written to WORK/tables.md, with WORK/results.json and the HTML report in
 WORK/eval/). Everything is resumable: the zoo build, each generator and the evaluation's inputs are
@@ -16,8 +22,11 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import multiprocessing
 import platform
+import shutil
 import time
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -56,6 +65,37 @@ def dataset(work: Path) -> RawDataset:
     return make_phantom_dataset(parent, sites=3, subjects_per_site=8, size=32, n_slices=8, seed=0)
 
 
+def _train(work: Path, name: str, cfg: dict[str, Any], stop_after: int | None = None) -> dict[str, Any]:
+    """Train one generator (in a worker process when --jobs > 1); a summary of it."""
+    r = train_generator(work / "zoo", work / name, GenTrainConfig(**cfg), log=print, stop_after=stop_after)
+    return {
+        "seconds": round(r.seconds, 1),
+        "steps": r.steps,
+        "final_loss": r.history[-1]["loss"] if r.history else None,
+        "final_val_run_loss": r.history[-1]["val_loss"] if r.history else None,
+        "n_params": r.meta.get("n_params"),
+        "precision": r.meta.get("precision"),
+        "history": r.history,
+    }
+
+
+def train_all(
+    work: Path, jobs: list[tuple[str, dict[str, Any]]], n_jobs: int, stop_after: int | None = None
+) -> list[dict[str, Any]]:
+    if n_jobs <= 1:
+        return [_train(work, name, cfg, stop_after) for name, cfg in jobs]
+    ctx = multiprocessing.get_context("spawn")  # CUDA in workers needs spawn
+    with ProcessPoolExecutor(n_jobs, mp_context=ctx) as ex:
+        futures = [ex.submit(_train, work, name, cfg, stop_after) for name, cfg in jobs]
+        return [f.result() for f in futures]
+
+
+def machine(device: str) -> str:
+    if device.startswith("cuda") and torch.cuda.is_available():
+        return f"{torch.cuda.get_device_name(0)} (torch {torch.__version__}, CUDA {torch.version.cuda})"
+    return f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads"
+
+
 def markdown(rows: list[dict[str, Any]]) -> str:
     """Rows (lists of per-generator values as mean ± sd) as a markdown table."""
     if not rows:
@@ -80,6 +120,12 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--work", type=Path, required=True, help="Folder for data, zoo, generators, results.")
     ap.add_argument("--preset", default="tiny", help="Generator preset: tiny | small | default.")
+    ap.add_argument("--zoo-preset", default="tiny", help="U-Net preset of the zoo's runs.")
+    ap.add_argument("--zoo-seeds", type=int, default=5, help="Seeds per task/site of the zoo grid.")
+    ap.add_argument("--jobs", type=int, default=1, help="Generators trained at once (processes).")
+    ap.add_argument(
+        "--gen-budget-s", type=float, default=0, help="Choose generator steps for ~this many seconds."
+    )
     ap.add_argument("--steps", type=int, default=800, help="Generator training steps.")
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--seeds", default="0,1,2", help="Generator seeds (>= 3 for a spread).")
@@ -96,14 +142,15 @@ def main() -> None:
     t_all = time.perf_counter()
     results: dict[str, Any] = {
         "date": time.strftime("%Y-%m-%d"),
-        "machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads",
+        "machine": machine(args.device),
         "args": {k: str(v) for k, v in vars(args).items()},
-        "grid": GRID,
     }
+    grid = {**GRID, "preset": args.zoo_preset, "seeds": args.zoo_seeds}
+    results["grid"] = grid
 
     ds = dataset(work)
     t0 = time.perf_counter()
-    b = build_zoo(ds, GRID, work / "zoo", device=args.device, progress=False)
+    b = build_zoo(ds, grid, work / "zoo", device=args.device, progress=False)
     results["zoo"] = {
         "runs": b.runs_planned,
         "checkpoints": b.checkpoints_planned,
@@ -111,43 +158,74 @@ def main() -> None:
         "runs_trained_this_call": b.runs_trained,
     }
 
-    def gen(name: str, seed: int, **kw: Any) -> Path:
-        cfg = GenTrainConfig(
-            preset=args.preset,
-            steps=args.steps,
-            batch_size=args.batch_size,
-            seed=seed,
-            device=args.device,
-            fresh_init=kw.pop("fresh_init", args.fresh_init),
+    def cfg_of(seed: int, **kw: Any) -> dict[str, Any]:
+        return {
+            "preset": args.preset,
+            "steps": args.steps,
+            "batch_size": args.batch_size,
+            "seed": seed,
+            "device": args.device,
+            "fresh_init": kw.pop("fresh_init", args.fresh_init),
             **kw,
-        )
-        out = work / name
-        r = train_generator(work / "zoo", out, cfg, log=print)
-        results.setdefault("generators", {})[name] = {
-            "seconds": round(r.seconds, 1),
-            "steps": r.steps,
-            "final_loss": r.history[-1]["loss"] if r.history else None,
-            "final_val_run_loss": r.history[-1]["val_loss"] if r.history else None,
-            "n_params": r.meta.get("n_params"),
         }
-        return out
 
     seeds = [int(s) for s in args.seeds.split(",")]
-    gens = [gen(f"gen_s{s}", s) for s in seeds]
-    res = evaluate_generators(gens, work / "zoo", ds, work / "eval", candidates=args.candidates, log=print)
+    if args.gen_budget_s > 0:  # probe: the generators together for PROBE steps, timed from step 10
+        probe, every = 40, 10
+        jobs = [(f"_probe_s{s}", {**cfg_of(s), "steps": 10**6, "log_every": every}) for s in seeds]
+        for name, _ in jobs:
+            shutil.rmtree(work / name, ignore_errors=True)
+        hist = [r["history"] for r in train_all(work, jobs, args.jobs, stop_after=probe)]
+        per_step = max((h[-1]["seconds"] - h[0]["seconds"]) / (probe - every) for h in hist)
+        for name, _ in jobs:
+            shutil.rmtree(work / name, ignore_errors=True)
+        default = GenTrainConfig(preset=args.preset).steps
+        args.steps = int(min(default, max(500, args.gen_budget_s / per_step)))  # type: ignore[arg-type]
+        results["generator_steps_from_budget"] = {
+            "budget_s": args.gen_budget_s,
+            "probe_seconds_per_step": round(per_step, 4),
+            "generators_at_once": min(args.jobs, len(seeds)),
+            "steps": args.steps,
+        }
+        print(f"probe: {per_step:.3f} s/step with {len(seeds)} generator(s) at once -> {args.steps} steps")
+
+    def gens_of(jobs: list[tuple[str, dict[str, Any]]]) -> list[Path]:
+        for (name, _), info in zip(jobs, train_all(work, jobs, args.jobs), strict=True):
+            info.pop("history")
+            results.setdefault("generators", {})[name] = info
+        return [work / name for name, _ in jobs]
+
+    gens = gens_of([(f"gen_s{s}", cfg_of(s)) for s in seeds])
+    res = evaluate_generators(
+        gens, work / "zoo", ds, work / "eval", candidates=args.candidates, log=print, device=args.device
+    )
     results["eval"] = res
 
     if not args.no_ablation:  # one generator seed per variant; the parts that need no training run
+        extra = gens_of(
+            [
+                ("gen_per_layer", cfg_of(seeds[0], encoder="per_layer")),
+                ("gen_no_perm", cfg_of(seeds[0], permute=0.0)),
+                ("gen_fresh", cfg_of(seeds[0], fresh_init=0.3)),
+            ]
+        )
         variants = {
             "shared encoder (default)": gens[0],
-            "per-layer encoder": gen("gen_per_layer", seeds[0], encoder="per_layer"),
-            "no permutation augmentation": gen("gen_no_perm", seeds[0], permute=0.0),
-            "fresh-init augmentation 0.3": gen("gen_fresh", seeds[0], fresh_init=0.3),
+            "per-layer encoder": extra[0],
+            "no permutation augmentation": extra[1],
+            "fresh-init augmentation 0.3": extra[2],
         }
         abl = []
         for name, g in variants.items():
             r = evaluate_generators(
-                [g], work / "zoo", ds, work / f"eval_{g.name}", candidates=1, parts=("general",), log=print
+                [g],
+                work / "zoo",
+                ds,
+                work / f"eval_{g.name}",
+                candidates=1,
+                parts=("general",),
+                log=print,
+                device=args.device,
             )
 
             def pooled(kind: str, rows: list[dict[str, Any]] = r["general"]) -> float:
@@ -171,6 +249,17 @@ def main() -> None:
     results["seconds_total"] = round(time.perf_counter() - t_all, 1)
     (work / "results.json").write_text(json.dumps(results, indent=1, default=str))
     tables = [f"Machine: {results['machine']}; total {results['seconds_total']} s\n"]
+    if "generator_steps_from_budget" in results:
+        tables.append(f"Generator steps from the time budget: {results['generator_steps_from_budget']}\n")
+    gi = results.get("generators", {})
+    tables.append(
+        "Generators: "
+        + "; ".join(
+            f"{k}: {v['steps']} steps, {v['seconds']} s, val-run loss {v['final_val_run_loss']}"
+            for k, v in gi.items()
+        )
+        + "\n"
+    )
     tables += ["### Generated vs the zoo's best checkpoint (test Dice)\n", markdown(res["best"])]
     al = res["alignment"]
     for name in ("fresh init", "held-out checkpoint"):

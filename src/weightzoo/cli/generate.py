@@ -196,12 +196,14 @@ def evaluate(
     parts: str = typer.Option(
         "best,alignment,general,multitask,time", help="Parts to run (time trains one network from scratch)."
     ),
+    device: str = typer.Option("cpu", help="cpu | cuda | auto: where to sample, score and time training."),
 ) -> None:
     """Evaluate generators: vs the zoo's best checkpoint, prompt alignment, generalisation, multi-task, time."""
     from weightzoo.generate.evaluate import evaluate_generators, fmt
 
     res = evaluate_generators(
-        generator, zoo, dataset, out, candidates, ddim_steps, parts=_tasks(parts), log=console.print
+        generator, zoo, dataset, out, candidates, ddim_steps, parts=_tasks(parts), log=console.print,
+        device=device,
     )
     for r in res.get("best", []):
         console.print(

@@ -53,8 +53,8 @@ MORE = 0.02  # "asking for more": prompt the best checkpoint itself with its val
 class Scorer:
     """Dice per task of networks on cached slices of a split (val or test) and site."""
 
-    def __init__(self, ds: RawDataset, prep: Preprocessing):
-        self.ds, self.prep = ds, prep
+    def __init__(self, ds: RawDataset, prep: Preprocessing, device: str | torch.device = "cpu"):
+        self.ds, self.prep, self.device = ds, prep, torch.device(device)
         self._cache: dict[tuple[str, str | None], SliceSet | None] = {}
 
     def slices(self, split: str, site: str | None) -> SliceSet | None:
@@ -71,6 +71,8 @@ class Scorer:
         ss = self.slices(split, site)
         if ss is None:
             return {t: math.nan for t in seg.tasks}
+        if seg.device != self.device:
+            seg = NetSegmenter(seg.net, seg.spec, seg.tasks, seg.preprocessing, seg.name, 0.0, self.device)
         summary = evaluate_slices(seg, ss, tasks=seg.tasks)
         return {t: float(summary["mean"][t]["Dice"]) for t in seg.tasks}
 
@@ -135,8 +137,11 @@ def evaluate_generators(
     targets: Sequence[float] = ALIGN_TARGETS,
     parts: Sequence[str] = PARTS,
     log: Callable[[str], None] = print,
+    device: str = "cpu",
 ) -> dict[str, Any]:
-    """Run `parts` (see the module docstring); write out_dir/summary.json and report.html."""
+    """Run `parts` (see the module docstring); write out_dir/summary.json and report.html.
+
+    device: where generators sample, networks are scored and the time-to-a-model run trains."""
     unknown = [p for p in parts if p not in PARTS]
     if unknown:
         from weightzoo.errors import UnknownNameError
@@ -145,7 +150,7 @@ def evaluate_generators(
     t_all = time.perf_counter()
     zoo = zoo if isinstance(zoo, Zoo) else Zoo(zoo)
     ds = dataset if isinstance(dataset, RawDataset) else RawDataset.open(dataset)
-    gens = [Generator.load(g, "cpu") for g in generators]
+    gens = [Generator.load(g, device) for g in generators]
     if not gens:
         raise InputError("no generator given", "pass --generator gen/ (repeatable, one per generator seed)")
     g0 = gens[0]
@@ -157,7 +162,7 @@ def evaluate_generators(
                 g.folder,
             )
     prep = Preprocessing.from_dict(g0.meta["preprocessing"])
-    scorer = Scorer(ds, prep)
+    scorer = Scorer(ds, prep, device)
     tasks, zoo_sites = g0.tasks, g0.sites
     unseen_sites = [s for s in ds.sites() if s not in zoo_sites]
     res: dict[str, Any] = {
@@ -548,14 +553,16 @@ def _time_to_model(
     r = g.sample(
         [t], {t: _val(b, t)}, site=s, start=Start.from_init(UNSEEN_SEED + 999), ddim_steps=ddim_steps, seed=0
     )
-    seg = g.segmenter(r.vectors[0], [t])
+    seg = g.segmenter(r.vectors[0], [t], scorer.device)
+    if scorer.device.type == "cuda":
+        torch.cuda.synchronize(scorer.device)
     sample_s = time.perf_counter() - t0
     gen_val = scorer.dice(seg, "val", s)[t]
     run = zoo.run(b.run_id)
     known = set(TrainConfig.__dataclass_fields__)
     cfg_d = {k: v for k, v in run.config.items() if k in known}
     cfg_d.update(
-        tasks=[t], seed=UNSEEN_SEED + 999, val_every=max(1, int(cfg_d.get("steps", 100)) // 60), device="cpu"
+        tasks=[t], seed=UNSEEN_SEED + 999, val_every=max(1, int(cfg_d.get("steps", 100)) // 60), device=str(scorer.device)
     )
     cfg = TrainConfig.from_dict(cfg_d)
     train = load_slices(ds, [t], prep=prep, cases=ds.cases_in("train", [s]))
@@ -584,7 +591,7 @@ def _time_to_model(
         "scratch seconds (whole run)": result.seconds,
         "ratio": train_s / max(sample_s, 1e-9),
         "generated gain over its init (val)": gains[(t, s)],
-        "device": "cpu",
+        "device": str(scorer.device),
     }
 
 
@@ -592,7 +599,7 @@ def _pseudo_val(seg: NetSegmenter, val: SliceSet, task: str) -> float:
     from weightzoo.train.loop import evaluate_slices as eval_pseudo
     from weightzoo.train.losses import DiceBCELoss
 
-    _, dice = eval_pseudo(seg.net, val, DiceBCELoss(), torch.device("cpu"))
+    _, dice = eval_pseudo(seg.net, val, DiceBCELoss(), seg.device)
     return float(dice[0])
 
 

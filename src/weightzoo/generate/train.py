@@ -35,7 +35,7 @@ import json
 import math
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -86,6 +86,7 @@ class GenTrainConfig:
     encoder: str | None = None  # None: the model preset's ("shared")
     seed: int = 0
     device: str = "auto"
+    precision: str = "auto"  # auto (bf16 autocast on a GPU, fp32 on the CPU) | fp32 | bf16
     checkpoint_every: int = 250
     log_every: int = 50
     net_arch: str | None = None  # body hash (vectors.base_key) when the zoo holds several architectures
@@ -100,6 +101,8 @@ class GenTrainConfig:
                 setattr(self, k, v)
         if int(self.steps) < 1 or int(self.batch_size) < 1 or float(self.lr) <= 0:  # type: ignore[arg-type]
             raise InputError("steps and batch_size must be >= 1 and lr > 0", "fix the generator config")
+        if self.precision not in ("auto", "fp32", "bf16"):
+            raise UnknownNameError("precision", self.precision, ["auto", "fp32", "bf16"])
         if not (0 <= self.permute <= 1 and 0 <= self.site_dropout <= 1 and 0 <= self.fresh_init <= 1):
             raise InputError(
                 "permute and site_dropout are probabilities in [0, 1]", "fix the generator config"
@@ -145,6 +148,14 @@ class ZooPairs:
     kinds: list[str] = field(default_factory=list)
     fresh: torch.Tensor | None = None  # [F, numel] fresh initialisations (fresh_init augmentation)
     fresh_metric: torch.Tensor | None = None  # [K] their typical Dice (median of the zoo's inits)
+
+    def to(self, device: torch.device) -> ZooPairs:
+        """The same data on `device` (batches are then drawn there: no host-to-device copy per step)."""
+        return replace(
+            self,
+            **{f.name: getattr(self, f.name).to(device) for f in fields(self)
+               if isinstance(getattr(self, f.name), torch.Tensor)},
+        )  # fmt: skip
 
 
 def _pick_body(zoo: Zoo, runs: list[Any], net_arch: str | None) -> tuple[str, ArchSpec]:
@@ -345,6 +356,9 @@ class Scales:
         m, s, u = (torch.tensor(v, dtype=torch.float32)[ids] for v in (mean, std, update))
         return cls(m, s.clamp_min(1e-6), u.clamp_min(1e-6), u > 0)
 
+    def to(self, device: torch.device) -> Scales:
+        return Scales(*(getattr(self, f.name).to(device) for f in fields(self)))
+
 
 def update_rms(data: ZooPairs, layout: TaskLayout, max_pairs: int = 4096, seed: int = 0) -> torch.Tensor:
     """[n_tensors] RMS of θ_j − θ_i per tensor over (up to `max_pairs` random) training pairs."""
@@ -390,16 +404,21 @@ def make_batch(
     pair_rows: torch.Tensor | None = None,
 ) -> dict[str, torch.Tensor]:
     """A training batch drawn with generator `g` (CPU): standardised start, scaled update (`target`),
-    mask, conditioning, t and noise. `pair_rows` fixes the pairs (for evaluation); otherwise they are drawn uniformly."""
+    mask, conditioning, t and noise. `pair_rows` fixes the pairs (for evaluation); otherwise they are drawn uniformly.
+
+    The batch is built where `data` lives (`ZooPairs.to`); every draw comes from `g`, and on a GPU the
+    noise from a device generator seeded by `g`, so a seed gives the same batches on one device."""
+    dev = data.vectors.device
     B = int(cfg.batch_size)  # type: ignore[arg-type]
     rows = pair_rows if pair_rows is not None else torch.randint(len(data.pairs), (B,), generator=g)
+    rows = rows.to(dev)
     B = len(rows)
     i, j = data.pairs[rows, 0], data.pairs[rows, 1]
     run = data.run_of[i]
     mask = data.masks[run] & norm.trainable
     src, current = data.vectors[i].clone(), data.metrics[i].clone()
-    u_fresh = torch.rand(B, generator=g)
-    f_pick = torch.randint(len(data.fresh) if data.fresh is not None else 1, (B,), generator=g)
+    u_fresh = torch.rand(B, generator=g).to(dev)
+    f_pick = torch.randint(len(data.fresh) if data.fresh is not None else 1, (B,), generator=g).to(dev)
     if data.fresh is not None and data.fresh_metric is not None:
         sel = u_fresh < cfg.fresh_init  # start from a network the zoo never saw, at its typical Dice
         src[sel] = data.fresh[f_pick[sel]]
@@ -415,7 +434,13 @@ def make_batch(
             idx = pool[pick[b]]
             start[b], target[b], mask[b] = start[b, idx], target[b, idx], mask[b, idx]
     site_w = data.site_weights[run].clone()
-    site_w[torch.rand(B, generator=g) < cfg.site_dropout] = 0.0
+    site_w[(torch.rand(B, generator=g) < cfg.site_dropout).to(dev)] = 0.0
+    t = torch.randint(timesteps, (B,), generator=g)
+    if dev.type == "cpu":
+        noise = torch.randn(start.shape, generator=g)
+    else:
+        g_dev = torch.Generator(dev).manual_seed(int(torch.randint(2**62, (1,), generator=g)))
+        noise = torch.randn(start.shape, generator=g_dev, device=dev)
     return {
         "start": start,
         "target": target,
@@ -423,8 +448,8 @@ def make_batch(
         "current": current,
         "goal": data.metrics[j],
         "site": site_w,
-        "t": torch.randint(timesteps, (B,), generator=g),
-        "noise": torch.randn(start.shape, generator=g),
+        "t": t.to(dev),
+        "noise": noise,
     }
 
 
@@ -433,7 +458,7 @@ def batch_loss(
 ) -> torch.Tensor:
     """Masked MSE of the x0 (scaled update) prediction; 1.0 = predicting no update."""
     x_t = q_sample(batch["target"], batch["t"], alpha_bar, batch["noise"])
-    pred = model(x_t, batch["t"], batch["start"], batch["current"], batch["goal"], batch["site"])
+    pred = model(x_t, batch["t"], batch["start"], batch["current"], batch["goal"], batch["site"]).float()
     m = batch["mask"].to(pred.dtype)
     return ((pred - batch["target"]) ** 2 * m).sum() / m.sum().clamp_min(1)
 
@@ -567,6 +592,12 @@ def train_generator(
     opt = torch.optim.AdamW(model.parameters(), lr=float(cfg.lr), weight_decay=cfg.weight_decay)  # type: ignore[arg-type]
     alpha_bar = cosine_alpha_bar(mcfg.timesteps).to(device)
     pool = _perm_pool(layout, cfg.seed) if cfg.permute > 0 else None
+    summaries = _summaries(data, layout)
+    if device.type != "cpu":  # draw batches on the device: no per-step copy of [B, numel] tensors
+        data, norm = data.to(device), norm.to(device)
+        val_data = val_data.to(device) if val_data is not None else None
+        pool = pool.to(device) if pool is not None else None
+    amp = cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda")
     start, history, seconds_before = 0, [], 0.0
     ckpt_path = out_dir / GEN_CKPT
     if ckpt_path.exists() and resume:
@@ -622,7 +653,8 @@ def train_generator(
         b = make_batch(
             val_data, norm, cfg, torch.Generator().manual_seed(cfg.seed + 1), None, mcfg.timesteps, val_rows
         )
-        return float(batch_loss(ema.model, {k: v.to(device) for k, v in b.items()}, alpha_bar))
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+            return float(batch_loss(ema.model, {k: v.to(device) for k, v in b.items()}, alpha_bar))
 
     model.train()
     run_loss, run_n = 0.0, 0
@@ -632,7 +664,8 @@ def train_generator(
             group["lr"] = _lr_at(cfg, step)
         batch = make_batch(data, norm, cfg, _step_generator(cfg.seed, step), pool, mcfg.timesteps)
         batch = {k: (v.to(device) if k in to_dev else v) for k, v in batch.items()}
-        loss = batch_loss(model, batch, alpha_bar)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+            loss = batch_loss(model, batch, alpha_bar)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         if cfg.grad_clip > 0:
@@ -688,10 +721,11 @@ def train_generator(
             "std": std_t.tolist(),
             "update": upd_t.tolist(),
         },
-        **_summaries(data, layout),
+        **summaries,
         "steps_done": steps,
         "seconds": total,
         "device": str(device),
+        "precision": "bf16 autocast" if amp else "fp32",
         "n_params": sum(p.numel() for p in model.parameters()),
         "finished": True,
     }

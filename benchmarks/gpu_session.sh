@@ -1,0 +1,46 @@
+#!/usr/bin/env bash
+# The GPU measurements of docs/benchmarks.md, as run on a lent H100 (2026-11-23). A device machine
+# is held for at most ~30 minutes, so the long job (weight generation, issue 4) runs detached
+# (setsid) and later calls poll it:
+#   bash benchmarks/gpu_session.sh start    # set up, launch the generation benchmark in the background
+#   bash benchmarks/gpu_session.sh poll 580 # wait up to 580 s for it; copy logs/tables to $OUT
+#   bash benchmarks/gpu_session.sh speed    # zoo build (issue 3) and in-context (issue 6) speed tables
+# Python deps missing from the machine's image travel as wheels in .whl/ (see the device README).
+set -u
+W=${WORK:-/tmp/wz_gpu}
+OUT=${OUT:-$W/out}
+mkdir -p "$W" "$OUT"
+if [ -d .whl ]; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl >/dev/null 2>&1
+  export PYTHONPATH=/tmp/site:$PWD/src
+else
+  export PYTHONPATH=$PWD/src
+fi
+export PYTHONUNBUFFERED=1
+case "${1:-}" in
+  start)
+    nvidia-smi -L
+    python3 -c "import torch, weightzoo, monai, nibabel; print('torch', torch.__version__, torch.cuda.get_device_name(0))" || exit 1
+    setsid nohup bash -c "python3 benchmarks/generate_eval.py --work $W --zoo-preset small --zoo-seeds 10 \
+        --preset small --device cuda --jobs 3 --gen-budget-s ${GEN_BUDGET:-420} --no-ablation \
+        > $W/gen.log 2>&1; echo \$? > $W/DONE" > /dev/null 2>&1 &
+    sleep 2; echo "launched"
+    ;;
+  poll)
+    limit=${2:-580}; t=0
+    while [ ! -f "$W/DONE" ] && [ "$t" -lt "$limit" ]; do sleep 10; t=$((t + 10)); done
+    tail -n 40 "$W/gen.log"; nvidia-smi --query-gpu=utilization.gpu,memory.used --format=csv
+    cp "$W/gen.log" "$OUT/" 2>/dev/null
+    for f in tables.md results.json; do cp "$W/$f" "$OUT/" 2>/dev/null; done
+    cp "$W/eval/summary.json" "$OUT/gen_eval_summary.json" 2>/dev/null
+    cp "$W/eval/report.html" "$OUT/gen_eval_report.html" 2>/dev/null
+    [ -f "$W/DONE" ] && echo "DONE rc=$(cat "$W/DONE")" || echo "still running"
+    ;;
+  speed)
+    timeout 240 python3 benchmarks/zoo_build.py --device cuda --steps 50 --runs 1 8 32 64 --presets tiny small \
+      2>&1 | tee "$OUT/zoo_build_cuda.txt"
+    timeout 150 python3 benchmarks/incontext_speed.py --device cuda --no-goal --out "$OUT/incontext_speed_cuda.json" \
+      2>&1 | tee "$OUT/incontext_speed_cuda.txt"
+    ;;
+  *) echo "usage: $0 start|poll [SECONDS]|speed"; exit 2 ;;
+esac
