@@ -18,7 +18,14 @@ from weightzoo.errors import InputError, ModelError, UnknownNameError
 from weightzoo.generate.diffusion import ENCODERS, DiffusionConfig, ParamDiffusion, Tokenizer
 from weightzoo.generate.merge import body_mask, merge_vectors, ties_vector
 from weightzoo.generate.sample import Generator, Start
-from weightzoo.generate.train import GenTrainConfig, load_pairs, read_state, select_runs, train_generator
+from weightzoo.generate.train import (
+    GenTrainConfig,
+    load_pairs,
+    read_state,
+    select_runs,
+    train_generator,
+    update_rms,
+)
 from weightzoo.generate.vectors import TaskLayout
 from weightzoo.nets.unet import ArchSpec, build_network, load_real_state_dict, real_state_dict
 from weightzoo.zoo.store import PendingCheckpoint, Zoo
@@ -173,6 +180,25 @@ def test_training_pairs_come_only_from_training_runs(zoo_path: Path, gen_dir: Pa
     cord_only = next(k for k, r in enumerate(runs) if r.tasks == ["cord"])
     row = data.metrics[data.run_of == cord_only][0]
     assert math.isfinite(row[0]) and math.isnan(row[1])
+
+
+def test_update_rms_is_the_rms_over_every_training_pair(zoo_path: Path) -> None:
+    """The closed form (per run, n · Σ (θ_k − θ̄)²) equals the brute-force sum over all pairs."""
+    zoo = Zoo(zoo_path)
+    runs, _, body = select_runs(zoo, "train", GenTrainConfig(**TINY))
+    layout = TaskLayout(body, ["cord", "gm"])
+    data = load_pairs(zoo, runs, layout, ["A", "B"])
+    ids = layout.layout.segment_ids()
+    sq = torch.zeros(len(layout.layout.tensors), dtype=torch.float64)
+    cnt = torch.zeros_like(sq)
+    for i, j in data.pairs.tolist():
+        m = data.masks[data.run_of[i]].double()
+        d = (data.vectors[j] - data.vectors[i]).double() * m
+        sq.index_add_(0, ids, d * d)
+        cnt.index_add_(0, ids, m)
+    brute = (sq / cnt.clamp_min(1)).sqrt().float()
+    got = update_rms(data, layout)
+    assert torch.allclose(got, brute, rtol=1e-5, atol=0) and torch.equal(got == 0, brute == 0)
 
 
 def test_generator_training_resumes_to_the_same_weights(

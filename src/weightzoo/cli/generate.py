@@ -202,7 +202,14 @@ def evaluate(
     from weightzoo.generate.evaluate import evaluate_generators, fmt
 
     res = evaluate_generators(
-        generator, zoo, dataset, out, candidates, ddim_steps, parts=_tasks(parts), log=console.print,
+        generator,
+        zoo,
+        dataset,
+        out,
+        candidates,
+        ddim_steps,
+        parts=_tasks(parts),
+        log=console.print,
         device=device,
     )
     for r in res.get("best", []):

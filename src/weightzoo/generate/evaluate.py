@@ -562,7 +562,10 @@ def _time_to_model(
     known = set(TrainConfig.__dataclass_fields__)
     cfg_d = {k: v for k, v in run.config.items() if k in known}
     cfg_d.update(
-        tasks=[t], seed=UNSEEN_SEED + 999, val_every=max(1, int(cfg_d.get("steps", 100)) // 60), device=str(scorer.device)
+        tasks=[t],
+        seed=UNSEEN_SEED + 999,
+        val_every=max(1, int(cfg_d.get("steps", 100)) // 60),
+        device=str(scorer.device),
     )
     cfg = TrainConfig.from_dict(cfg_d)
     train = load_slices(ds, [t], prep=prep, cases=ds.cases_in("train", [s]))

@@ -360,19 +360,21 @@ class Scales:
         return Scales(*(getattr(self, f.name).to(device) for f in fields(self)))
 
 
-def update_rms(data: ZooPairs, layout: TaskLayout, max_pairs: int = 4096, seed: int = 0) -> torch.Tensor:
-    """[n_tensors] RMS of θ_j − θ_i per tensor over (up to `max_pairs` random) training pairs."""
-    g = torch.Generator().manual_seed(seed)
-    rows = torch.randperm(len(data.pairs), generator=g)[:max_pairs]
+def update_rms(data: ZooPairs, layout: TaskLayout) -> torch.Tensor:
+    """[n_tensors] RMS of θ_j − θ_i per tensor over every pair (i < j) of a run, as `load_pairs` makes
+    them. No pair is materialised: per run of n checkpoints, Σ_{a<b} (θ_b − θ_a)² = n · Σ_k (θ_k − θ̄)²."""
     ids = layout.layout.segment_ids()
     sq = torch.zeros(len(layout.layout.tensors), dtype=torch.float64)
     cnt = torch.zeros_like(sq)
-    for chunk in rows.split(256):
-        i, j = data.pairs[chunk, 0], data.pairs[chunk, 1]
-        m = data.masks[data.run_of[i]].double()
-        d = (data.vectors[j] - data.vectors[i]).double() * m
-        sq.index_add_(0, ids, (d * d).sum(0))
-        cnt.index_add_(0, ids, m.sum(0))
+    for r in range(len(data.masks)):
+        rows = torch.nonzero(data.run_of == r).flatten()
+        n = len(rows)
+        if n < 2:
+            continue
+        v = data.vectors[rows] - data.vectors[rows[0]]  # a tensor training never changes stays exactly 0
+        m = data.masks[r]
+        sq.index_add_(0, ids, (n * (v - v.mean(0)).pow_(2).sum(0) * m).double())
+        cnt.index_add_(0, ids, m.double() * (n * (n - 1) / 2))
     return (sq / cnt.clamp_min(1)).sqrt().float()  # exactly 0 for tensors training never changes
 
 
@@ -570,7 +572,7 @@ def train_generator(
     ]
     val_data = load_pairs(zoo, val_runs, layout, sites) if val_runs else None
     mean_t, std_t = zoo_stats(zoo, runs, layout, data)
-    upd_t = update_rms(data, layout, seed=cfg.seed)
+    upd_t = update_rms(data, layout)
     norm = Scales.per_tensor(layout, mean_t.tolist(), std_t.tolist(), upd_t.tolist())
     say(
         f"{len(runs)} training runs, {len(data.vectors)} checkpoints, {len(data.pairs)} pairs; "
