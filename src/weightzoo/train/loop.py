@@ -72,7 +72,9 @@ __all__ = [
 ]
 
 LOG_JSON = "log.json"
-_STREAM_DATA, _STREAM_AUGMENT, _STREAM_TORCH = 0, 1, 2
+# Random streams of one step: step_generator(seed, step, STREAM_*). Shared with the zoo's trainers, so a
+# zoo run and `weightzoo train` with the same config draw the same batches.
+STREAM_DATA, STREAM_AUGMENT, STREAM_TORCH = 0, 1, 2
 
 
 @dataclass
@@ -240,7 +242,7 @@ def _clear_run(out_dir: Path) -> None:
 
 
 @contextlib.contextmanager
-def _determinism(device: torch.device, enabled: bool) -> Iterator[None]:
+def determinism(device: torch.device, enabled: bool) -> Iterator[None]:
     """Deterministic kernels for the run only; the process's settings are restored afterwards.
 
     CPU: torch.use_deterministic_algorithms (free there). CUDA: deterministic cuDNN convolutions;
@@ -377,7 +379,7 @@ def train_on_slices(
         ckpt = None
     out_dir.mkdir(parents=True, exist_ok=True)
 
-    with _determinism(device, cfg.deterministic):
+    with determinism(device, cfg.deterministic):
         net = build_network(spec, seed=cfg.seed).to(device)
         if cfg.channels_last:
             net = net.to(memory_format=torch.channels_last)
@@ -437,7 +439,7 @@ def train_on_slices(
                 for group in optimizer.param_groups:
                     group["lr"] = lr
                 idx = sample_indices(
-                    step_generator(cfg.seed, step, _STREAM_DATA),
+                    step_generator(cfg.seed, step, STREAM_DATA),
                     len(train),
                     fg_by_task,
                     cfg.batch_size,
@@ -448,11 +450,11 @@ def train_on_slices(
                     x_all[dev_idx],
                     y_all[dev_idx],
                     cfg.augment,
-                    step_generator(cfg.seed, step, _STREAM_AUGMENT),
+                    step_generator(cfg.seed, step, STREAM_AUGMENT),
                 )
                 if cfg.channels_last:
                     xb = xb.contiguous(memory_format=torch.channels_last)
-                torch.manual_seed(step_seed(cfg.seed, step, _STREAM_TORCH))  # dropout
+                torch.manual_seed(step_seed(cfg.seed, step, STREAM_TORCH))  # dropout
                 loss = train_step(net, optimizer, loss_fn, xb, yb, amp, cfg.grad_clip)
                 loss_sum += float(loss)
                 loss_n += 1

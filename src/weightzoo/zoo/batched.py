@@ -32,7 +32,7 @@ from torch.func import functional_call, vmap
 from weightzoo.errors import InputError
 from weightzoo.nets.unet import ArchSpec, build_network
 from weightzoo.train.config import TrainConfig
-from weightzoo.train.loop import _determinism, autocast_dtype, poly_lr
+from weightzoo.train.loop import autocast_dtype, determinism, poly_lr
 from weightzoo.train.losses import DiceBCELoss
 from weightzoo.zoo.grid import RunPlan
 from weightzoo.zoo.runs import RunData, Sink, evaluate_checkpoint, make_batch, pending
@@ -209,7 +209,7 @@ def train_batched(
     t0 = time.perf_counter()
     amp = autocast_dtype(cfg, device)
     loss_fn = DiceBCELoss()
-    with _determinism(device, cfg.deterministic):
+    with determinism(device, cfg.deterministic):
         runs = StackedRuns.make(spec, [p.config for p in plans], device)
 
         def save_now(m: int, step: int) -> None:

@@ -26,11 +26,11 @@ from weightzoo.errors import InputError
 from weightzoo.nets.unet import build_network, real_state_dict
 from weightzoo.train.augment import augment_batch
 from weightzoo.train.loop import (
-    _STREAM_AUGMENT,
-    _STREAM_DATA,
-    _STREAM_TORCH,
-    _determinism,
+    STREAM_AUGMENT,
+    STREAM_DATA,
+    STREAM_TORCH,
     autocast_dtype,
+    determinism,
     make_optimizer,
     poly_lr,
     sample_indices,
@@ -148,7 +148,7 @@ def make_batch(plan: RunPlan, data: RunData, step: int) -> tuple[torch.Tensor, t
     """The run's augmented batch at `step`: x [B, C, H, W], y [B, K, H, W] — as train_on_slices draws it."""
     cfg = plan.config
     idx = sample_indices(
-        step_generator(cfg.seed, step, _STREAM_DATA),
+        step_generator(cfg.seed, step, STREAM_DATA),
         len(data.train),
         data.fg_by_task,
         cfg.batch_size,
@@ -156,7 +156,7 @@ def make_batch(plan: RunPlan, data: RunData, step: int) -> tuple[torch.Tensor, t
     )
     dev_idx = idx.to(data.x.device)
     xb, yb = augment_batch(
-        data.x[dev_idx], data.y[dev_idx], cfg.augment, step_generator(cfg.seed, step, _STREAM_AUGMENT)
+        data.x[dev_idx], data.y[dev_idx], cfg.augment, step_generator(cfg.seed, step, STREAM_AUGMENT)
     )
     if cfg.channels_last:
         xb = xb.contiguous(memory_format=torch.channels_last)
@@ -245,7 +245,7 @@ def train_sequential(
         return
     t0 = time.perf_counter()
     spec = plan.spec(data.x.shape[1])
-    with _determinism(device, cfg.deterministic):
+    with determinism(device, cfg.deterministic):
         net = build_network(spec, seed=cfg.seed).to(device)
         if cfg.channels_last:
             net = net.to(memory_format=torch.channels_last)
@@ -267,7 +267,7 @@ def train_sequential(
             for group in optimizer.param_groups:
                 group["lr"] = lr
             xb, yb = make_batch(plan, data, step)
-            torch.manual_seed(step_seed(cfg.seed, step, _STREAM_TORCH))  # dropout, as train_on_slices
+            torch.manual_seed(step_seed(cfg.seed, step, STREAM_TORCH))  # dropout, as train_on_slices
             train_step(net, optimizer, loss_fn, xb, yb, amp, cfg.grad_clip)
             if on_step is not None:
                 on_step(1)
