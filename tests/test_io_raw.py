@@ -285,3 +285,26 @@ def test_load_slices_by_split_and_site(tiny_phantom_dataset):
         load_slices(ds, ["cord"], split="val", prep=Preprocessing(channels=3))
     with pytest.raises(UnknownNameError, match="unknown task"):
         load_slices(ds, ["vertebra"], split="val")
+
+
+def test_read_only_dataset_gets_the_default_split_in_memory(
+    tiny_phantom_dataset: RawDataset, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import shutil
+
+    import weightzoo.data.raw as raw
+    from weightzoo.errors import WeightzooWarning
+
+    root = tmp_path / tiny_phantom_dataset.root.name
+    shutil.copytree(tiny_phantom_dataset.root, root)
+    (root / raw.SPLITS_FILE).unlink()
+
+    def refuse(*a: object, **k: object) -> None:
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(raw, "write_splits", refuse)
+    with pytest.warns(WeightzooWarning, match="cannot store the default split"):
+        got = RawDataset.open(root).splits()
+    expected = raw.make_splits(RawDataset.open(root), seed=0)
+    assert got == {k: list(expected[k]) for k in raw.SPLIT_NAMES} and all(got.values())
+    assert not (root / raw.SPLITS_FILE).exists()

@@ -146,10 +146,25 @@ class RawDataset:
 
     # ---- splits (by subject) --------------------------------------------------------------------
     def splits(self) -> dict[str, list[str]]:
-        """Subject lists per split; created (seed 0, 60/20/20 per site) and stored if absent."""
+        """Subject lists per split; created (seed 0, 60/20/20 per site) and stored if absent, so every
+        later run sees the same split. A read-only dataset gets the same default split in memory."""
         path = self.root / SPLITS_FILE
         if not path.exists():
-            write_splits(self, make_splits(self, seed=0))
+            default = make_splits(self, seed=0)
+            try:
+                write_splits(self, default)
+            except OSError as e:
+                import warnings
+
+                from weightzoo.errors import WeightzooWarning
+
+                warnings.warn(
+                    f"{path}: cannot store the default split ({e.strerror or e}); using it in memory "
+                    "(deterministic: seed 0); copy the dataset somewhere writable to keep a split file.",
+                    WeightzooWarning,
+                    stacklevel=2,
+                )
+                return {k: list(default[k]) for k in SPLIT_NAMES}
         s = read_json(path, SPLITS_FILE)
         if not all(k in s for k in SPLIT_NAMES):
             raise InputError(
