@@ -79,7 +79,7 @@ def _wbc(root: Path, folder: str, task: str, size: int, limit: int) -> tuple[lis
 
     src = root / "wbc" / folder
     if not src.is_dir():
-        raise InputError("WBC folder not found", "give --data with wbc/ inside (../shared/data)", src)
+        raise InputError("WBC folder not found", "give --data with the real-data root that holds wbc/", src)
     xs, ys, gs = [], [], []
     for p in sorted(src.glob("*.bmp"))[:limit]:
         m, _ = map_to_nearest(read_image(p.with_suffix(".png")).array.max(0), WBC_CLASSES)
