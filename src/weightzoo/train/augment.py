@@ -14,6 +14,7 @@ generator's state (identical on CPU and GPU), never on the global RNG.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -37,6 +38,7 @@ ROTATION = math.pi  # ± radians
 SCALE = (0.7, 1.4)
 NOISE_VARIANCE = (0.0, 0.1)
 BLUR_SIGMA = (0.5, 1.0)
+BLUR_RADIUS = math.ceil(3 * BLUR_SIGMA[1])  # kernel half-width covering 3 sigma of the widest blur
 BRIGHTNESS = (0.75, 1.25)
 CONTRAST = (0.75, 1.25)
 LOWRES_ZOOM = (0.5, 1.0)
@@ -68,7 +70,7 @@ def _affine(angle: torch.Tensor, scale: torch.Tensor, h: int, w: int) -> torch.T
 def _gaussian_blur(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
     """Separable Gaussian blur of [n, C, H, W] with one sigma per sample ([n])."""
     n, c, h, w = x.shape
-    radius = math.ceil(3 * float(sigma.max()))
+    radius = BLUR_RADIUS  # fixed: a sample's blur must not depend on the other samples of its batch
     t = torch.arange(-radius, radius + 1, dtype=x.dtype, device=x.device)
     k = torch.exp(-0.5 * (t[None] / sigma.to(x)[:, None]) ** 2)
     k = (k / k.sum(1, keepdim=True)).repeat_interleave(c, 0)  # [n*C, 2r+1]
@@ -118,6 +120,64 @@ def _on(x: torch.Tensor, sel: torch.Tensor, fn, *args: torch.Tensor) -> torch.Te
     return x
 
 
+@dataclass
+class AugmentDraws:
+    """Everything one batch's augmentation draws: which transforms fire per sample and their
+    magnitudes. Applying draws is deterministic, so several runs' batches (each drawn from its own
+    generator) can be augmented in one call (`AugmentDraws.cat`) with the same result per sample."""
+
+    fire: torch.Tensor  # [B, n_transforms] bool
+    mag: torch.Tensor  # [B, 5] per-sample magnitudes
+    chan: torch.Tensor  # [B, C, 8] per-channel magnitudes (nnU-Net: channels independent)
+    noise: torch.Tensor | None  # [B, C, H, W] standard normal (None: intensity transforms off)
+
+    @staticmethod
+    def cat(draws: list[AugmentDraws]) -> AugmentDraws:
+        noise = [d.noise for d in draws]
+        return AugmentDraws(
+            torch.cat([d.fire for d in draws]),
+            torch.cat([d.mag for d in draws]),
+            torch.cat([d.chan for d in draws]),
+            torch.cat(noise) if all(n is not None for n in noise) else None,  # type: ignore[misc]
+        )
+
+
+def draw_augmentation(
+    shape: tuple[int, ...], strength: float, generator: torch.Generator, intensity: bool = True
+) -> AugmentDraws:
+    """The draws for a batch of `shape` [B, C, H, W], from a CPU generator in a fixed order and count
+    (strength 0 draws nothing and fires nothing)."""
+    if not 0.0 <= strength <= 1.0:
+        raise ValueError(f"augmentation strength must be in [0, 1], got {strength}")
+    b, c, h, w = shape
+    if strength == 0:
+        noise = torch.zeros(b, c, h, w) if intensity else None
+        return AugmentDraws(
+            torch.zeros(b, len(PROBABILITIES), dtype=torch.bool),
+            torch.zeros(b, 5),
+            torch.zeros(b, c, 8),
+            noise,
+        )
+    probs = torch.tensor(list(PROBABILITIES.values())) * strength
+    fire = torch.rand(b, len(PROBABILITIES), generator=generator) < probs
+    mag = torch.rand(b, 5, generator=generator)
+    chan = torch.rand(b, c, 8, generator=generator)
+    noise = torch.randn(b, c, h, w, generator=generator) if intensity else None
+    return AugmentDraws(fire, mag, chan, noise)
+
+
+def _check_shapes(images: torch.Tensor, labels: torch.Tensor) -> None:
+    if (
+        images.ndim != 4
+        or labels.ndim != 4
+        or images.shape[0] != labels.shape[0]
+        or images.shape[-2:] != labels.shape[-2:]
+    ):
+        raise ValueError(
+            f"expected images [B,C,H,W], labels [B,T,H,W]; got {tuple(images.shape)}, {tuple(labels.shape)}"
+        )
+
+
 def augment_batch(
     images: torch.Tensor,
     labels: torch.Tensor,
@@ -133,28 +193,26 @@ def augment_batch(
     does for regions); `intensity` transforms touch the images only. Turning either off does not
     change the random draws of the other. `generator` must be a CPU generator.
     """
-    if not 0.0 <= strength <= 1.0:
-        raise ValueError(f"augmentation strength must be in [0, 1], got {strength}")
-    if (
-        images.ndim != 4
-        or labels.ndim != 4
-        or images.shape[0] != labels.shape[0]
-        or images.shape[-2:] != labels.shape[-2:]
-    ):
-        raise ValueError(
-            f"expected images [B,C,H,W], labels [B,T,H,W]; got {tuple(images.shape)}, {tuple(labels.shape)}"
-        )
+    _check_shapes(images, labels)
+    draws = draw_augmentation(tuple(images.shape), strength, generator, intensity)
+    if strength == 0:
+        return images.to(torch.float32, copy=True), labels.clone()
+    return apply_augmentation(images, labels, draws, spatial, intensity)
+
+
+def apply_augmentation(
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    draws: AugmentDraws,
+    spatial: bool = True,
+    intensity: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Apply `draws` to a batch (see augment_batch); each sample's result depends on its own draws only."""
+    _check_shapes(images, labels)
     x = images.to(torch.float32, copy=True)
     y = labels.clone()
-    if strength == 0:
-        return x, y
-    b, c, h, w = x.shape
-    # Fixed draw order and count per batch: the result depends only on the generator state.
-    probs = torch.tensor(list(PROBABILITIES.values())) * strength
-    fire = torch.rand(b, len(PROBABILITIES), generator=generator) < probs  # [B, n_transforms]
-    mag = torch.rand(b, 5, generator=generator)  # per-sample magnitudes
-    chan = torch.rand(b, c, 8, generator=generator)  # per-channel magnitudes (nnU-Net: channels independent)
-    noise = torch.randn(b, c, h, w, generator=generator) if intensity else None
+    b, _, h, w = x.shape
+    fire, mag, chan, noise = draws.fire, draws.mag, draws.chan, draws.noise
 
     if spatial:
         rot, scl = fire[:, _COL["rotate"]], fire[:, _COL["scale"]]

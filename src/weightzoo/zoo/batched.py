@@ -1,6 +1,6 @@
 """Many runs of one ArchSpec trained together: stacked parameters, one vmapped forward/backward per step.
 
-Each run keeps its own seed (initialisation, batch indices, augmentation: `weightzoo.zoo.runs.make_batch`,
+Each run keeps its own seed (initialisation, batch indices, augmentation: `weightzoo.zoo.runs.draw_batch`,
 the same draws as training it alone), its own data (sites, tasks), learning rate, weight decay and
 gradient clipping. The step is nnU-Net's recipe written for stacked tensors:
 
@@ -31,11 +31,12 @@ from torch.func import functional_call, vmap
 
 from weightzoo.errors import InputError
 from weightzoo.nets.unet import ArchSpec, build_network
+from weightzoo.train.augment import AugmentDraws, apply_augmentation
 from weightzoo.train.config import TrainConfig
 from weightzoo.train.loop import autocast_dtype, determinism, poly_lr
 from weightzoo.train.losses import DiceBCELoss
 from weightzoo.zoo.grid import RunPlan
-from weightzoo.zoo.runs import RunData, Sink, evaluate_checkpoint, make_batch, pending
+from weightzoo.zoo.runs import RunData, Sink, draw_batch, evaluate_checkpoint, pending
 
 SGD_MOMENTUM = 0.99
 ADAM_BETAS, ADAM_EPS = (0.9, 0.999), 1e-8
@@ -225,9 +226,15 @@ def train_batched(
                 dtype=torch.float32,
                 device=device,
             )
-            batches = [make_batch(p, d, step) for p, d in zip(plans, datas, strict=True)]
-            x = torch.stack([b[0] for b in batches])
-            y = torch.stack([b[1] for b in batches])
+            # every run draws from its own generators; the augmentation is applied to all runs at once
+            # (one set of kernels instead of one per run: per-sample results are the same)
+            raw = [draw_batch(p, d, step) for p, d in zip(plans, datas, strict=True)]
+            x, y = apply_augmentation(
+                torch.cat([r[0] for r in raw]),
+                torch.cat([r[1] for r in raw]),
+                AugmentDraws.cat([r[2] for r in raw]),
+            )
+            x, y = x.unflatten(0, (len(plans), -1)), y.unflatten(0, (len(plans), -1))
             runs.step(x, y, lr, loss_fn, amp)
             if on_step is not None:
                 on_step(len(plans))

@@ -24,7 +24,7 @@ from weightzoo.data.raw import RawDataset
 from weightzoo.data.slices import Preprocessing, SliceSet, load_slices
 from weightzoo.errors import InputError
 from weightzoo.nets.unet import build_network, real_state_dict
-from weightzoo.train.augment import augment_batch
+from weightzoo.train.augment import AugmentDraws, apply_augmentation, draw_augmentation
 from weightzoo.train.loop import (
     STREAM_AUGMENT,
     STREAM_DATA,
@@ -144,8 +144,8 @@ def _eval_idx(plan: RunPlan, n: int) -> np.ndarray:
     return np.sort(rng.choice(n, size=min(n, TRAIN_EVAL_SLICES), replace=False))
 
 
-def make_batch(plan: RunPlan, data: RunData, step: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The run's augmented batch at `step`: x [B, C, H, W], y [B, K, H, W] — as train_on_slices draws it."""
+def draw_batch(plan: RunPlan, data: RunData, step: int) -> tuple[torch.Tensor, torch.Tensor, AugmentDraws]:
+    """The run's batch at `step` before augmentation, and its augmentation draws (as train_on_slices)."""
     cfg = plan.config
     idx = sample_indices(
         step_generator(cfg.seed, step, STREAM_DATA),
@@ -155,9 +155,19 @@ def make_batch(plan: RunPlan, data: RunData, step: int) -> tuple[torch.Tensor, t
         cfg.foreground_oversample,
     )
     dev_idx = idx.to(data.x.device)
-    xb, yb = augment_batch(
-        data.x[dev_idx], data.y[dev_idx], cfg.augment, step_generator(cfg.seed, step, STREAM_AUGMENT)
+    x, y = data.x[dev_idx], data.y[dev_idx]
+    return (
+        x,
+        y,
+        draw_augmentation(tuple(x.shape), cfg.augment, step_generator(cfg.seed, step, STREAM_AUGMENT)),
     )
+
+
+def make_batch(plan: RunPlan, data: RunData, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The run's augmented batch at `step`: x [B, C, H, W], y [B, K, H, W] — as train_on_slices draws it."""
+    cfg = plan.config
+    x, y, draws = draw_batch(plan, data, step)
+    xb, yb = apply_augmentation(x, y, draws)
     if cfg.channels_last:
         xb = xb.contiguous(memory_format=torch.channels_last)
     return xb, yb
