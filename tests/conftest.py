@@ -62,3 +62,60 @@ def phantom_dataset_4sites(tmp_path_factory: pytest.TempPathFactory) -> RawDatas
     return make_phantom_dataset(
         tmp_path_factory.mktemp("phantom4"), sites=4, subjects_per_site=6, size=64, n_slices=4, seed=0
     )
+
+
+# A tiny three-task base trained on every site, and a zoo of its fine-tunes (stored as deltas).
+# Read-only, shared by the base/soup/delta-generator tests.
+FINETUNE_GRID = {
+    "tasks": ["cord", "gm", ["cord", "gm", "canal"]],
+    "sites": "each",
+    "seeds": 2,
+    "trainable": ["all", "norm_seg"],
+    "optimizer": "adam",
+    "lr": 1e-3,
+    "steps": 12,
+    "batch_size": 4,
+    "checkpoints": 2,
+}
+
+
+@pytest.fixture(scope="session")
+def finetune_grid() -> dict:
+    """The grid of `finetune_zoo`, without its `from`."""
+    return dict(FINETUNE_GRID)
+
+
+@pytest.fixture(scope="session")
+def phantom_base(tiny_phantom_dataset: RawDataset, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny cord+gm+canal base on both sites of tiny_phantom_dataset (32 px, 60 Adam steps)."""
+    import torch
+
+    from weightzoo.train.config import TrainConfig
+    from weightzoo.train.loop import train_model
+
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    out = tmp_path_factory.mktemp("base") / "base"
+    cfg = TrainConfig(
+        tasks=["cord", "gm", "canal"], preset="tiny", steps=60, batch_size=4, optimizer="adam", size=(32, 32)
+    )
+    train_model(tiny_phantom_dataset, cfg, out, progress=False)
+    torch.set_num_threads(old)
+    return out
+
+
+@pytest.fixture(scope="session")
+def finetune_zoo(tiny_phantom_dataset: RawDataset, phantom_base: Path, tmp_path_factory) -> Path:
+    """FINETUNE_GRID from `phantom_base`: 3 task sets x 2 sites x 2 subsets x 2 seeds = 24 runs."""
+    import torch
+
+    from weightzoo.zoo.build import build_zoo
+
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    root = tmp_path_factory.mktemp("ftzoo")
+    build_zoo(
+        tiny_phantom_dataset, {**FINETUNE_GRID, "from": str(phantom_base)}, root / "zoo", progress=False
+    )
+    torch.set_num_threads(old)
+    return root / "zoo"

@@ -35,7 +35,18 @@ def _root(
 
 # Command modules, in --help order. Each defines `register(app)`. A module that is not installed
 # (a route still being built) is skipped; an import error inside one is raised, never hidden.
-COMMAND_MODULES = ("data", "train", "evaluate", "segment", "zoo", "generate", "heads", "incontext", "demo")
+COMMAND_MODULES = (
+    "data",
+    "train",
+    "base",
+    "evaluate",
+    "segment",
+    "zoo",
+    "generate",
+    "heads",
+    "incontext",
+    "demo",
+)
 
 
 def _register() -> None:

@@ -12,6 +12,7 @@ from weightzoo.fileio import read_json
 from weightzoo.nets.unet import PRESETS, ArchSpec
 
 OPTIMIZERS = ("sgd", "adam")
+TRAINABLE = ("all", "decoder", "norm_seg")  # what a fine-tune of a base may change (weightzoo.zoo.base)
 DEFAULT_LR = {"sgd": 1e-2, "adam": 1e-3}
 # Keys that change neither the weights nor the recipe: a run may be resumed with other values.
 RUN_ONLY_KEYS = ("device", "val_every", "checkpoint_every", "deterministic")
@@ -42,6 +43,7 @@ class TrainConfig:
     amp: bool = True  # bf16 autocast, on CUDA only
     channels_last: bool = False
     deterministic: bool = True  # on CUDA: deterministic cuDNN kernels (CPU kernels already are)
+    trainable: str = "all"  # fine-tunes of a base: all | decoder | norm_seg (weightzoo.zoo.base)
 
     def __post_init__(self) -> None:
         self._check()
@@ -60,6 +62,8 @@ class TrainConfig:
             )
         if self.preset not in PRESETS:
             raise UnknownNameError("preset", self.preset, list(PRESETS), source)
+        if self.trainable not in TRAINABLE:
+            raise UnknownNameError("trainable subset", self.trainable, TRAINABLE, source)
         if self.optimizer not in OPTIMIZERS:
             raise UnknownNameError("optimizer", self.optimizer, OPTIMIZERS, source)
         if self.normalization not in NORMALIZATIONS:
@@ -153,6 +157,8 @@ class TrainConfig:
         d["lr"] = self.learning_rate
         for k in RUN_ONLY_KEYS:
             d.pop(k)
+        if d["trainable"] == "all":
+            d.pop("trainable")  # the key came with base networks: keep older runs' identities
         return d
 
 

@@ -59,7 +59,8 @@ def group_key(plan: RunPlan, input_channels: int) -> tuple:
 
 
 def batchable(plan: RunPlan) -> bool:
-    return plan.config.dropout == 0.0
+    """Dropout runs and fine-tunes of a base (frozen subsets) train sequentially."""
+    return plan.config.dropout == 0.0 and plan.base is None
 
 
 @dataclass

@@ -27,7 +27,7 @@ from weightzoo.errors import InputError
 from weightzoo.segmenter import resolve_device
 from weightzoo.train.loop import progress_bar
 from weightzoo.zoo.batched import batchable, choose_mode, group_key, train_batched
-from weightzoo.zoo.grid import Grid, RunPlan, load_grid
+from weightzoo.zoo.grid import Grid, RunPlan, cached_base, load_grid
 from weightzoo.zoo.runs import RunData, load_zoo_data, train_sequential
 from weightzoo.zoo.store import PendingCheckpoint, Zoo
 
@@ -93,6 +93,8 @@ def register_plans(zoo: Zoo, ds: RawDataset, plans: list[RunPlan], prep: Preproc
         {"path": str(ds.root), "preprocessing": prep.to_dict(), "val_subjects": ds.splits()["val"]},
     )
     for p in plans:
+        if p.base_path is not None:
+            zoo.add_base(cached_base(p.base_path))
         zoo.add_run(
             p.run_id,
             p.spec(ds.n_channels),
@@ -104,7 +106,7 @@ def register_plans(zoo: Zoo, ds: RawDataset, plans: list[RunPlan], prep: Preproc
             seed=p.seed,
             dataset=ds.name,
             source="build",
-            info={"preprocessing": prep.to_dict()},
+            info={"preprocessing": prep.to_dict(), **({"base": p.base} if p.base else {})},
         )
 
 

@@ -14,6 +14,9 @@
     batch_size: 8
     dropout: 0.0
     checkpoints: 20                 # random checkpoints per run, besides the initialisation and the final state
+    from: base/                     # fine-tunes of one base network (a model folder): every run starts
+                                    # from it (restricted to the run's tasks) and the zoo stores deltas
+    trainable: [all, decoder, norm_seg]   # with `from`: what a fine-tune may change (a grid axis)
     # data (one value each): size, normalization, axis, foreground_oversample, grad_clip
     run_split: {train: 0.8, val: 0.1, test: 0.1}   # split of RUNS for learning on the zoo
     split_seed: 0
@@ -25,6 +28,8 @@ the same grid always plans the same runs with the same ids. Unknown keys are err
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import hashlib
 import itertools
 import json
@@ -39,11 +44,23 @@ from weightzoo.data.raw import RawDataset
 from weightzoo.errors import InputError
 from weightzoo.nets.unet import ArchSpec
 from weightzoo.train.config import TrainConfig, load_config_file
+from weightzoo.zoo.base import BaseNet, load_base
 
 # grid key -> TrainConfig key, in expansion order (outer to inner; seeds are innermost)
-AXES = ("preset", "optimizer", "lr", "weight_decay", "augment", "steps", "epochs", "batch_size", "dropout")
+AXES = (
+    "preset",
+    "trainable",
+    "optimizer",
+    "lr",
+    "weight_decay",
+    "augment",
+    "steps",
+    "epochs",
+    "batch_size",
+    "dropout",
+)
 DATA_KEYS = ("size", "normalization", "axis", "foreground_oversample", "grad_clip")
-OTHER_KEYS = ("tasks", "sites", "seeds", "checkpoints", "run_split", "split_seed", "name")
+OTHER_KEYS = ("tasks", "sites", "seeds", "checkpoints", "run_split", "split_seed", "name", "from")
 GRID_KEYS = (*OTHER_KEYS, *AXES, *DATA_KEYS)
 DEFAULT_CHECKPOINTS = 20
 DEFAULT_RUN_SPLIT = {"train": 0.8, "val": 0.1, "test": 0.1}
@@ -61,6 +78,8 @@ class RunPlan:
     config: TrainConfig
     checkpoint_steps: tuple[int, ...]  # the random ones, sorted, in [1, steps - 1]
     split: str  # train | val | test (split of runs)
+    base: str | None = None  # id of the base network the run is fine-tuned from (None: random init)
+    base_path: str | None = None  # its model folder
 
     @property
     def seed(self) -> int:
@@ -80,6 +99,8 @@ class RunPlan:
 
     def spec(self, input_channels: int) -> ArchSpec:
         c = self.config
+        if self.base_path is not None:
+            return cached_base(self.base_path).spec.with_classes(len(self.tasks))
         return ArchSpec.preset(c.preset, input_channels, len(self.tasks), c.dropout)
 
     def to_dict(self) -> dict[str, Any]:
@@ -91,6 +112,8 @@ class RunPlan:
             "config": self.config.to_dict(),
             "checkpoint_steps": list(self.checkpoint_steps),
             "split": self.split,
+            "base": self.base,
+            "base_path": self.base_path,
         }
 
     @classmethod
@@ -103,7 +126,15 @@ class RunPlan:
             TrainConfig.from_dict(d["config"]),
             tuple(int(s) for s in d["checkpoint_steps"]),
             d["split"],
+            d.get("base"),
+            d.get("base_path"),
         )
+
+
+@functools.lru_cache(maxsize=4)
+def cached_base(path: str) -> BaseNet:
+    """The base at `path`, loaded once per process (plans ask for its spec often)."""
+    return load_base(path)
 
 
 def checkpoint_steps(seed: int, steps: int, n: int) -> tuple[int, ...]:
@@ -148,6 +179,21 @@ class Grid:
                     f"'{k}' must be one value, not a list", "one zoo uses one preprocessing", source
                 )
         self.d, self.source = dict(d), source
+        self.base: BaseNet | None = None
+        if "from" in d:
+            root = Path(source).parent if source is not None else Path(".")
+            path = Path(str(d["from"]))
+            self.base_path = str((path if path.is_absolute() or path.exists() else root / path).resolve())
+            self.base = cached_base(self.base_path)
+            for k in ("preset", "dropout", "size", "normalization", "axis"):
+                if k in d:
+                    raise InputError(
+                        f"'{k}' is fixed by the base network (`from`)", f"remove '{k}' from the grid", source
+                    )
+        elif any(t != "all" for t in _as_list(d.get("trainable", "all"))):
+            raise InputError(
+                "'trainable' other than 'all' needs a base network", "add from: BASE_MODEL_FOLDER", source
+            )
         self.task_entries = [_names(e, "tasks", source) for e in _as_list(d["tasks"])]
         seeds = d.get("seeds", 1)
         if isinstance(seeds, int) and not isinstance(seeds, bool):
@@ -214,6 +260,18 @@ class Grid:
                 ds.task_labels(t)  # UnknownNameError listing the dataset's tasks
         axes = [(k, _as_list(self.d[k])) for k in AXES if k in self.d]
         data = {k: self.d[k] for k in DATA_KEYS if k in self.d}
+        if self.base is not None:
+            for e in self.task_entries:
+                for t in e:
+                    if t not in self.base.tasks:
+                        raise InputError(
+                            f"task '{t}' is not an output of the base (it has {list(self.base.tasks)})",
+                            "fine-tune on the base's tasks",
+                            self.source,
+                        )
+            prep = self.base.preprocessing
+            data.update(size=list(prep["size"]), normalization=prep["normalization"], axis=int(prep["axis"]))
+            data["preset"] = self.base.meta.get("info", {}).get("config", {}).get("preset", "small")
         if "size" in data and not isinstance(data["size"], list):
             data["size"] = [data["size"], data["size"]]
         plans: list[RunPlan] = []
@@ -232,6 +290,7 @@ class Grid:
                         {**data, **hp, "tasks": list(tasks), "seed": seed}, source=self.source
                     )
                     ident = {
+                        **({"base": self.base.base_id} if self.base is not None else {}),
                         "dataset": ds.name,
                         "tasks": list(tasks),
                         "sites": list(sites),
@@ -240,7 +299,10 @@ class Grid:
                     }
                     run_id = hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:16]
                     steps = checkpoint_steps(seed, cfg.steps, self.n_checkpoints)
-                    plans.append(RunPlan(run_id, ds.name, tuple(tasks), tuple(sites), cfg, steps, "train"))
+                    base = (self.base.base_id, self.base_path) if self.base is not None else (None, None)
+                    plans.append(
+                        RunPlan(run_id, ds.name, tuple(tasks), tuple(sites), cfg, steps, "train", *base)
+                    )
         ids = [p.run_id for p in plans]
         if len(set(ids)) != len(ids):
             raise InputError(
@@ -257,12 +319,7 @@ def assign_run_split(plans: list[RunPlan], fractions: dict[str, float], seed: in
     n_test, n_val = round(fractions["test"] * n), round(fractions["val"] * n)
     split = {p.run_id: "test" for p in rank[:n_test]}
     split.update({p.run_id: "val" for p in rank[n_test : n_test + n_val]})
-    return [
-        RunPlan(
-            p.run_id, p.dataset, p.tasks, p.sites, p.config, p.checkpoint_steps, split.get(p.run_id, "train")
-        )
-        for p in plans
-    ]
+    return [dataclasses.replace(p, split=split.get(p.run_id, "train")) for p in plans]
 
 
 def load_grid(path_or_dict: str | Path | dict[str, Any]) -> Grid:

@@ -23,7 +23,7 @@ import torch
 from weightzoo.data.raw import RawDataset
 from weightzoo.data.slices import Preprocessing, SliceSet, load_slices
 from weightzoo.errors import InputError
-from weightzoo.nets.unet import build_network, real_state_dict
+from weightzoo.nets.unet import real_state_dict
 from weightzoo.train.augment import AugmentDraws, apply_augmentation, draw_augmentation
 from weightzoo.train.loop import (
     STREAM_AUGMENT,
@@ -39,7 +39,8 @@ from weightzoo.train.loop import (
     train_step,
 )
 from weightzoo.train.losses import DiceBCELoss, dice_counts, dice_from_counts
-from weightzoo.zoo.grid import RunPlan
+from weightzoo.zoo.base import start_network
+from weightzoo.zoo.grid import RunPlan, cached_base
 from weightzoo.zoo.store import PendingCheckpoint
 
 TRAIN_EVAL_SLICES = 64  # slices of the fixed training subset the train loss is measured on
@@ -256,7 +257,8 @@ def train_sequential(
     t0 = time.perf_counter()
     spec = plan.spec(data.x.shape[1])
     with determinism(device, cfg.deterministic):
-        net = build_network(spec, seed=cfg.seed).to(device)
+        base = cached_base(plan.base_path) if plan.base_path else None
+        net = start_network(spec, cfg.seed, base, plan.tasks, cfg.trainable).to(device)
         if cfg.channels_last:
             net = net.to(memory_format=torch.channels_last)
         optimizer = make_optimizer(net, cfg)

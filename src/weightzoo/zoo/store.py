@@ -46,6 +46,7 @@ if TYPE_CHECKING:
 
 MANIFEST = "manifest.sqlite"
 DATA_DIR = "data"
+BASES_DIR = "bases"  # bases/<base_id>.safetensors: the base networks of fine-tune runs, stored once
 LOCK_FILE = ".writer.lock"
 ZOO_FORMAT = "weightzoo-zoo"
 ZOO_VERSION = 1
@@ -82,12 +83,15 @@ CREATE TABLE IF NOT EXISTS tensor_sums(
   arch_hash TEXT NOT NULL, split TEXT NOT NULL, tensor TEXT NOT NULL, n_checkpoints INTEGER NOT NULL,
   n_values INTEGER NOT NULL, sum REAL NOT NULL, sumsq REAL NOT NULL,
   PRIMARY KEY (arch_hash, split, tensor)) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS bases(
+  base_id TEXT PRIMARY KEY, file TEXT NOT NULL, sha256 TEXT NOT NULL, model_json TEXT NOT NULL, created REAL);
 CREATE INDEX IF NOT EXISTS metrics_by_value ON metrics(name, task, value);
 CREATE INDEX IF NOT EXISTS ckpt_by_file ON checkpoints(file);
 CREATE INDEX IF NOT EXISTS tasks_by_task ON run_tasks(task);
 CREATE INDEX IF NOT EXISTS sites_by_site ON run_sites(site);
 CREATE INDEX IF NOT EXISTS runs_by_split ON runs(split, status);
 """
+_BASES_TABLE = _SCHEMA[_SCHEMA.index("CREATE TABLE IF NOT EXISTS bases") :].split(";")[0]
 
 
 # ---- records ---------------------------------------------------------------------------------------
@@ -269,7 +273,10 @@ class Zoo:
                 "build into it with the same settings, or use a new --zoo",
                 self.path,
             )
+        self._bases: dict[str, Any] = {}
+        self._run_bases: dict[str, str | None] = {}
         if self.writable:
+            self.db.execute(_BASES_TABLE)  # zoos made before bases existed get the table
             self.clean_orphans()
 
     # ---- setup ----------------------------------------------------------------------------------
@@ -479,6 +486,70 @@ class Zoo:
             )
         return True
 
+    # ---- bases: fine-tune runs store deltas from one shared base (weightzoo.zoo.base) -------------
+    def add_base(self, base: Any) -> str:
+        """Store a weightzoo.zoo.base.BaseNet once (file first, then its row); returns its id."""
+        self._check_writable()
+        if self.db.execute("SELECT 1 FROM bases WHERE base_id = ?", (base.base_id,)).fetchone():
+            return base.base_id
+        rel = f"{BASES_DIR}/{base.base_id}{CKPT_SUFFIX}"
+        atomic_write_bytes(self.path / rel, base.weights)
+        _fsync_dir(self.path / BASES_DIR)
+        with self._tx():
+            self.db.execute(
+                "INSERT INTO bases(base_id, file, sha256, model_json, created) VALUES (?, ?, ?, ?, ?)",
+                (
+                    base.base_id,
+                    rel,
+                    hashlib.sha256(base.weights).hexdigest(),
+                    json.dumps(base.meta),
+                    time.time(),
+                ),
+            )
+        return base.base_id
+
+    def base_ids(self) -> list[str]:
+        if not self.db.execute("SELECT 1 FROM sqlite_master WHERE name = 'bases'").fetchone():
+            return []
+        return [r[0] for r in self.db.execute("SELECT base_id FROM bases ORDER BY base_id")]
+
+    def base(self, base_id: str) -> Any:
+        """A stored base as a weightzoo.zoo.base.BaseNet (checksum checked; cached)."""
+        from weightzoo.zoo.base import base_from_bytes
+
+        if base_id not in self._bases:
+            if base_id not in self.base_ids():
+                raise ModelError(f"base {base_id} is not in the zoo", "run `weightzoo zoo verify`", self.path)
+            file, sha, meta = self.db.execute(
+                "SELECT file, sha256, model_json FROM bases WHERE base_id = ?", (base_id,)
+            ).fetchone()
+            try:
+                data = (self.path / file).read_bytes()
+            except OSError as e:
+                raise ModelError(
+                    f"cannot read base {base_id} ({e})", "run `weightzoo zoo verify`", self.path / file
+                ) from None
+            if hashlib.sha256(data).hexdigest() != sha:
+                raise ModelError(
+                    f"base {base_id} is corrupt (sha256 mismatch)",
+                    "run `weightzoo zoo verify`",
+                    self.path / file,
+                )
+            self._bases[base_id] = base_from_bytes(data, json.loads(meta), str(self.path / file))
+        return self._bases[base_id]
+
+    def run_base(self, run_id: str) -> str | None:
+        """The id of the base a run was fine-tuned from, or None (a run from a random init)."""
+        if run_id not in self._run_bases:
+            row = self.db.execute("SELECT info FROM runs WHERE run_id = ?", (run_id,)).fetchone()
+            self._run_bases[run_id] = json.loads(row[0]).get("base") if row else None
+        return self._run_bases[run_id]
+
+    def base_state(self, run_id: str, tasks: Sequence[str]) -> dict[str, torch.Tensor] | None:
+        """The run's base restricted to the run's tasks (its starting point), or None."""
+        bid = self.run_base(run_id)
+        return None if bid is None else self.base(bid).restricted(tasks)[1]
+
     def committed_steps(self, run_id: str) -> set[int]:
         return {r[0] for r in self.db.execute("SELECT step FROM checkpoints WHERE run_id = ?", (run_id,))}
 
@@ -496,12 +567,30 @@ class Zoo:
                 out[k] = np.ascontiguousarray(v.numpy())
         return out
 
+    def _on_disk(self, item: PendingCheckpoint, stored: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """What the file holds: `stored`, or for a fine-tune of a base its delta in float32 (exact)."""
+        from weightzoo.zoo.base import split_delta
+
+        rec_tasks = json.loads(
+            self.db.execute("SELECT tasks FROM runs WHERE run_id = ?", (item.run_id,)).fetchone()[0]
+        )
+        base = self.base_state(item.run_id, rec_tasks)
+        if base is None:
+            return stored
+        return {k: v.numpy() for k, v in split_delta(item.state, base).items()}
+
     def _blob(self, item: PendingCheckpoint, arch_hash: str, arrays: dict[str, np.ndarray]) -> bytes:
         # ONE metadata key: safetensors writes its metadata map in hash order, so several keys would
         # make the bytes (and the sha256) of the same checkpoint differ between processes.
         meta = {
             "weightzoo": json.dumps(
-                {"format": ZOO_FORMAT, "run_id": item.run_id, "step": int(item.step), "arch_hash": arch_hash},
+                {
+                    "format": ZOO_FORMAT,
+                    "run_id": item.run_id,
+                    "step": int(item.step),
+                    "arch_hash": arch_hash,
+                    **({"base": b} if (b := self.run_base(item.run_id)) else {}),
+                },
                 sort_keys=True,
             )
         }
@@ -533,11 +622,12 @@ class Zoo:
         rows: list[tuple[PendingCheckpoint, str, int, int, str]] = []
         groups: dict[str, list[PendingCheckpoint]] = {}
         stored = {id(it): self._stored(it) for it in todo}
+        on_disk = {id(it): self._on_disk(it, stored[id(it)]) for it in todo}
         for it in todo:
             groups.setdefault(it.run_id, []).append(it)
         for rid, its in groups.items():
             folder = self.path / DATA_DIR / rid
-            blobs = [self._blob(it, runs[rid][0], stored[id(it)]) for it in its]
+            blobs = [self._blob(it, runs[rid][0], on_disk[id(it)]) for it in its]
             if self.shard:
                 steps = sorted(int(it.step) for it in its)
                 rel = f"{DATA_DIR}/{rid}/{steps[0]:07d}-{steps[-1]:07d}.{uuid.uuid4().hex[:8]}{SHARD_SUFFIX}"
@@ -840,6 +930,11 @@ class Zoo:
             raise ModelError(
                 f"checkpoint {rec.ckpt_id} cannot be parsed ({e})", "run `weightzoo zoo verify`"
             ) from None
+        base = self.base_state(rec.run_id, rec.tasks)
+        if base is not None:
+            from weightzoo.zoo.base import join_delta
+
+            state = join_delta(state, base)
         if dtype is not None:
             state = {k: _cast(v, dtype) for k, v in state.items()}
         return state
@@ -1002,6 +1097,13 @@ class Zoo:
                 pos = max(pos, off + nb)
             if pos != len(data):
                 problems.append(f"{file}: {len(data) - pos} trailing bytes no checkpoint covers")
+        for bid in self.base_ids():
+            file, sha = self.db.execute("SELECT file, sha256 FROM bases WHERE base_id = ?", (bid,)).fetchone()
+            p = self.path / file
+            if not p.is_file():
+                problems.append(f"{file}: missing (base {bid} of fine-tune runs)")
+            elif hashlib.sha256(p.read_bytes()).hexdigest() != sha:
+                problems.append(f"{file}: base {bid} fails its sha256 check (corrupt data)")
         temps, unref = self.orphans()
         in_flight = self.writer_active()
         for p in temps + unref:
