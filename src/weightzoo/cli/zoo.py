@@ -1,4 +1,4 @@
-"""`weightzoo zoo build|ls|verify|ingest|export`: the checkpoint zoo from the command line."""
+"""`weightzoo zoo build|ls|verify|ingest|export|soup`: the checkpoint zoo from the command line."""
 
 from __future__ import annotations
 
@@ -243,6 +243,52 @@ def export(
         path = export_checkpoint(source, ckpt_id, out, overwrite)
         what = ckpt_id
     console.print(f"exported {what} to [bold]{path.parent.parent}[/] (nnUNet_results={out}, fold 0)")
+
+
+@zoo_app.command("soup")
+def soup(
+    zoo: Path = typer.Option(..., "--zoo", "-z", help="Fine-tune zoo (a grid with `from:`)."),
+    task: str = typer.Option(
+        ..., "--task", "-t", help="Task set of the runs to average, comma-separated: cord or cord,gm,canal."
+    ),
+    site: str = typer.Option(..., "--site", "-s", help="Average runs trained on this site."),
+    out: Path = typer.Option(..., "--out", "-o", help="Model folder to write."),
+    greedy: bool = typer.Option(
+        False, "--greedy", help="Greedy soup: keep a run only if it does not lower the val Dice."
+    ),
+    select_on: str = typer.Option("val", "--select-on", help="Subjects the soup is scored on: val only."),
+    trainable: str = typer.Option(
+        None, "--trainable", help="Only runs of this subset: all|decoder|norm_seg."
+    ),
+    base: str = typer.Option(None, "--base", help="Base id, when the runs come from several bases."),
+    dataset: Path = typer.Option(
+        None, "--dataset", "-d", help="Dataset with the validation subjects (default: the zoo's)."
+    ),
+) -> None:
+    """Average the final checkpoints of fine-tunes of one base into ONE network (a model soup)."""
+    from weightzoo.errors import InputError, UnknownNameError
+    from weightzoo.zoo.soup import make_soup, save_soup
+    from weightzoo.zoo.store import Zoo
+
+    if select_on == "test":
+        raise InputError(
+            "--select-on test would tune the soup on the test subjects it is judged on",
+            "use --select-on val (the default)",
+        )
+    if select_on != "val":
+        raise UnknownNameError("selection split", select_on, ["val"])
+    tasks = [t.strip() for t in task.split(",") if t.strip()]
+    with Zoo(zoo) as z:
+        res = make_soup(z, tasks, site, "greedy" if greedy else "uniform", trainable, dataset, base_id=base)
+        save_soup(res, out)
+    n = len(res.candidates.checkpoints)
+    val = (
+        f" · val Dice {', '.join(f'{t} {_fmt(v)}' for t, v in res.val_dice.items())}" if res.val_dice else ""
+    )
+    console.print(
+        f"{res.method} soup of {len(res.chosen)}/{n} fine-tunes of {'+'.join(tasks)} on site {site} "
+        f"(base {res.candidates.base_id}) → [bold]{out}[/]{val}"
+    )
 
 
 def register(app: typer.Typer) -> None:

@@ -9,8 +9,8 @@ for a task, a site and a target Dice in one step; plus merging baselines for one
 
 Modules: `vectors` (single- and multi-task checkpoints in one task layout), `diffusion` (the model),
 `train` (pairs from the zoo's training runs; the gen/ folder), `sample` (prompting, checks, model
-folders), `merge` (averaging, task arithmetic, TIES), `evaluate` (`generate eval`, the only user of the
-test split), `demo` (the `weightzoo demo` section).
+folders), `merge` (averaging, task arithmetic, TIES, DARE), `evaluate` (`generate eval`, the only
+user of the test split), `demo` (the `weightzoo demo` section).
 """
 
 from weightzoo.generate.diffusion import DiffusionConfig, ParamDiffusion

@@ -7,7 +7,8 @@
 
 Modules: `store` (the Zoo: SQLite manifest + safetensors files), `grid` (what to train), `build`
 (train and commit, resumable), `batched` (many runs of one architecture in one vmapped step),
-`executors` (Ray), `params` (parameter layout, permutation symmetry), `nnunet` (ingest/export).
+`executors` (Ray), `params` (parameter layout, permutation symmetry), `nnunet` (ingest/export),
+`base` (base networks, deltas), `soup` (model soups of fine-tunes of one base).
 Only the store is imported here, so `import weightzoo.zoo` stays light.
 """
 

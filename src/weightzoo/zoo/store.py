@@ -896,6 +896,14 @@ class Zoo:
         row = self.db.execute("SELECT dataset_json FROM datasets WHERE name = ?", (name,)).fetchone()
         return json.loads(row[0]) if row and row[0] else None
 
+    def dataset_path(self, name: str | None) -> Path | None:
+        """The folder of dataset `name` as recorded when the zoo was built (None if unknown or gone)."""
+        if name is None:
+            return None
+        row = self.db.execute("SELECT info FROM datasets WHERE name = ?", (name,)).fetchone()
+        path = json.loads(row[0]).get("path") if row and row[0] else None
+        return Path(path) if path and Path(path).is_dir() else None
+
     def _read_blob(self, rec: CheckpointRecord | tuple[str, int, int]) -> bytes:
         file, offset, nbytes = (
             (rec.file, rec.offset, rec.nbytes) if isinstance(rec, CheckpointRecord) else rec
