@@ -49,7 +49,7 @@ def register(app: typer.Typer) -> None:
         from weightzoo.train.loop import format_dice, train_model
 
         ds = RawDataset.open(dataset)
-        names = [t.strip() for t in tasks.split(",") if t.strip()] if tasks else sorted(ds.tasks())
+        names = [t.strip() for t in tasks.split(",") if t.strip()] if tasks else sorted(ds.tasks)
         cfg = TrainConfig(
             tasks=names,
             preset=preset,

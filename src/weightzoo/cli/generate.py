@@ -39,17 +39,6 @@ def _targets(value: str, tasks: list[str]) -> dict[str, float]:
         ) from None
 
 
-def _dataset_of(zoo: Any, name: str | None) -> Path | None:
-    """The dataset folder a zoo recorded for `name` (None if unknown or gone)."""
-    import json
-
-    if name is None:
-        return None
-    row = zoo.db.execute("SELECT info FROM datasets WHERE name = ?", (name,)).fetchone()
-    path = json.loads(row[0]).get("path") if row and row[0] else None
-    return Path(path) if path and Path(path).is_dir() else None
-
-
 @gen_app.command("train")
 def train(
     zoo: Path = typer.Option(..., "--zoo", "-z", help="Zoo folder (`weightzoo zoo build`)."),
@@ -69,12 +58,27 @@ def train(
     device: str = typer.Option("auto", help="auto | cpu | cuda."),
     resume: bool = typer.Option(True, "--resume/--no-resume", help="Continue from the folder's checkpoint."),
     force: bool = typer.Option(False, "--force", help="Overwrite whatever the --out folder holds."),
+    kind: str = typer.Option(
+        "auto", help="delta (fine-tunes of a base) | gpt (G.pt-style, runs from random inits) | auto."
+    ),
+    subset: str = typer.Option("norm_seg", help="delta: the fine-tunes' trainable subset to generate."),
+    dataset: Path = typer.Option(None, "--dataset", "-d", help="delta: the zoo's dataset if it moved."),
 ) -> None:
-    """Train a generator on the zoo's TRAINING runs (pairs of checkpoints of one run, earlier -> later).
+    """Train a generator on the zoo's TRAINING runs.
 
-    Killed? Run the same command again: it resumes from its last checkpoint.
+    delta (default for a zoo of fine-tunes of a base): a diffusion model over the fine-tunes' deltas from
+    the base, conditioned on the task set and a site embedding from unlabelled images. gpt: G.pt-style,
+    pairs of checkpoints of one run, earlier -> later. Killed? Run the same command again: it resumes.
     """
+    from weightzoo.errors import UnknownNameError
     from weightzoo.generate.train import GenTrainConfig, train_generator
+    from weightzoo.zoo.store import Zoo
+
+    if kind not in ("auto", "delta", "gpt"):
+        raise UnknownNameError("generator kind", kind, ["auto", "delta", "gpt"])
+    if kind == "delta" or (kind == "auto" and Zoo(zoo).base_ids()):
+        _train_delta(zoo, out, subset, steps, batch_size, lr, seed, device, dataset, resume, force)
+        return
 
     opts = {
         "steps": steps,
@@ -98,6 +102,94 @@ def train(
     )
 
 
+def _train_delta(
+    zoo: Path,
+    out: Path,
+    subset: str,
+    steps: int | None,
+    batch_size: int | None,
+    lr: float | None,
+    seed: int,
+    device: str,
+    dataset: Path | None,
+    resume: bool,
+    force: bool,
+) -> None:
+    from weightzoo.generate.delta import DeltaGenConfig, train_delta_generator
+
+    opts = {"steps": steps, "batch_size": batch_size, "lr": lr}
+    cfg = DeltaGenConfig.from_dict(
+        {
+            "subset": subset,
+            "seed": seed,
+            "device": "cpu" if device == "auto" else device,
+            **{k: v for k, v in opts.items() if v is not None},
+        }
+    )
+    res = train_delta_generator(zoo, out, cfg, dataset, resume=resume, force=force, log=console.print)
+    if res.skipped:
+        console.print(f"{out} already holds this finished generator; use --force to retrain")
+        return
+    last = res.history[-1] if res.history else {}
+    console.print(
+        f"delta generator written to [bold]{out}[/] ({len(res.meta['train_runs'])} fine-tunes, "
+        f"{res.meta['numel']:,} generated values, {res.seconds:.0f} s) · final loss {last.get('loss', math.nan):.4f}"
+    )
+
+
+def _sample_delta(
+    generator: Path,
+    task: str,
+    out: Path,
+    site: str | None,
+    site_images: Path | None,
+    candidates: int,
+    select_on: str | None,
+    dataset: Path | None,
+    seed: int,
+    ddim_steps: int | None,
+) -> None:
+    from weightzoo.errors import InputError
+    from weightzoo.generate.delta_sample import DEFAULT_DDIM_STEPS, DeltaGenerator
+    from weightzoo.generate.site_embedding import folder_images
+
+    gen = DeltaGenerator.load(generator)
+    tasks = gen.check_tasks(_tasks(task))
+    if site is not None and site_images is not None:
+        raise InputError("both --site and --site-images were given", "describe the site one way")
+    if site_images is not None:
+        emb, how = gen.embed_images(folder_images(site_images, gen.prep)), f"images:{site_images}"
+    elif site is not None:
+        emb, how = gen.seen_site(site), f"seen:{site}"
+    else:
+        emb, how = None, "unknown"
+    res = gen.sample(tasks, emb, candidates, seed, ddim_steps or DEFAULT_DDIM_STEPS, how)
+    pick, info = 0, {}
+    if select_on is not None:
+        if select_on != "val":
+            raise InputError(
+                f"--select-on {select_on}: selection is on the validation split only", "use --select-on val"
+            )
+        if site is None:
+            raise InputError(
+                "--select-on val needs the labelled site (--site) whose val subjects score the candidates",
+                "add --site, or drop --select-on",
+            )
+        ds_path = dataset or Path(gen.meta.get("dataset_path", ""))
+        if not ds_path or not Path(ds_path).is_dir():
+            raise InputError("--select-on val needs the dataset", "give --dataset data/DatasetXXX_Name")
+        pick, scores = gen.select_on_val(res, ds_path, site)
+        info = {"selected_on": "val", "val_dice_candidates": scores}
+    info.update(site=res.site, seed=seed, candidates=candidates, candidate=pick, sample_seconds=res.seconds)
+    gen.save(res.states[pick], tasks, out, res.seconds, info)
+    chosen = info.get("val_dice_candidates", [None])[pick] if select_on else None
+    extra = f" · val Dice {', '.join(f'{t} {v:.3f}' for t, v in chosen.items())}" if chosen else ""
+    console.print(
+        f"generated [bold]{', '.join(tasks)}[/] network (site {res.site}, {candidates} candidate(s)) "
+        f"in {res.seconds:.2f} s → [bold]{out}[/]{extra}"
+    )
+
+
 @gen_app.command("sample")
 def sample(
     generator: Path = typer.Option(..., "--generator", "-g", help="Generator folder (`generate train`)."),
@@ -105,8 +197,13 @@ def sample(
         ..., "--task", "-t", help="Task(s), comma-separated: cord or cord,gm,canal (one output each)."
     ),
     out: Path = typer.Option(..., "--out", "-o", help="Model folder to write (segment/evaluate accept it)."),
-    target_dice: str = typer.Option(..., "--target-dice", help="Target val Dice: 0.95, or cord=0.95,gm=0.8."),
+    target_dice: str = typer.Option(
+        None, "--target-dice", help="gpt: target val Dice: 0.95, or cord=0.95,gm=0.8 (delta: no prompt)."
+    ),
     site: str = typer.Option(None, "--site", "-s", help="Site to condition on (default: any site)."),
+    site_images: Path = typer.Option(
+        None, "--site-images", help="delta: a folder of a few UNLABELLED images of the (new) site."
+    ),
     from_init: int = typer.Option(
         None, "--from-init", help="Start from a fresh initialisation with this seed."
     ),
@@ -115,7 +212,7 @@ def sample(
         None, "--current-dice", help="The start's val Dice, if it is not recorded."
     ),
     steps: int = typer.Option(1, help="Recursive prompting: feed the output back this many times."),
-    ddim_steps: int = typer.Option(10, "--ddim-steps", help="Denoising steps per prompt."),
+    ddim_steps: int = typer.Option(None, "--ddim-steps", help="Denoising steps (default: gpt 10, delta 20)."),
     candidates: int = typer.Option(1, help="Networks drawn in one batch."),
     select_on: str = typer.Option(
         None, "--select-on", help="val: keep the candidate with the best validation Dice."
@@ -127,11 +224,28 @@ def sample(
     seed: int = typer.Option(0, help="Sampling seed (noise; also the init seed unless --from-init)."),
     device: str = typer.Option("auto", help="auto | cpu | cuda."),
 ) -> None:
-    """Generate a trained network in one step (or k recursive steps) and write a model folder."""
+    """Generate a trained network and write a model folder.
+
+    delta generators: for a task set and a site given by --site-images (unlabelled), --site (seen), or
+    neither. gpt generators: from a start (--from-init / --from) towards --target-dice.
+    """
     from weightzoo.errors import InputError
     from weightzoo.generate.sample import Generator, Start, select_on_val
+    from weightzoo.generate.train import read_generator_json
     from weightzoo.zoo.store import Zoo
 
+    if read_generator_json(generator).get("kind") == "delta":
+        _sample_delta(
+            generator, task, out, site, site_images, candidates, select_on, dataset, seed, ddim_steps
+        )
+        return
+    if target_dice is None or site_images is not None:
+        raise InputError(
+            "this is a G.pt-style generator: it needs --target-dice and takes no --site-images",
+            "add --target-dice 0.95 (or train a delta generator on a zoo of fine-tunes)",
+            generator,
+        )
+    ddim_steps = ddim_steps or 10
     gen = Generator.load(generator, device)
     tasks = gen.check_tasks(_tasks(task))
     target = _targets(target_dice, tasks)
@@ -156,7 +270,7 @@ def sample(
         ds_path = dataset
         if ds_path is None:
             zoo_obj = zoo_obj or Zoo(zoo or gen.meta["zoo"])
-            ds_path = _dataset_of(zoo_obj, gen.meta.get("dataset"))
+            ds_path = zoo_obj.dataset_path(gen.meta.get("dataset"))
         if ds_path is None:
             raise InputError("--select-on val needs the dataset", "give --dataset data/DatasetXXX_Name")
         sel = select_on_val(gen, res, ds_path, [site] if site else None)
@@ -232,7 +346,7 @@ def register(app: typer.Typer) -> None:
         tasks: str = typer.Option(
             ..., "--tasks", "-t", help="Tasks to merge, comma-separated: cord,gm,canal."
         ),
-        method: str = typer.Option("ties", help="average | task-arithmetic | ties."),
+        method: str = typer.Option("ties", help="average | task-arithmetic | ties | dare."),
         out: Path = typer.Option(..., "--out", "-o", help="Model folder to write."),
         site: str = typer.Option(None, "--site", "-s", help="Use specialists trained on this site."),
         seed: int = typer.Option(None, help="Use specialists of this seed (default: the best group on val)."),
@@ -240,11 +354,14 @@ def register(app: typer.Typer) -> None:
             None, "--lambda", help="Scale of the task vectors (default: chosen on val)."
         ),
         density: float = typer.Option(0.2, help="TIES: fraction of each task vector kept."),
+        drop: float = typer.Option(0.9, help="DARE: probability of dropping each task-vector entry."),
+        dare_seed: int = typer.Option(0, "--dare-seed", help="DARE: seed of the drop mask."),
         dataset: Path = typer.Option(
             None, "--dataset", "-d", help="Dataset whose val split picks λ (default: the zoo's)."
         ),
     ) -> None:
-        """Merge the zoo's single-task specialists into ONE network with an output per task."""
+        """Merge the zoo's single-task specialists into ONE network with an output per task (from their
+        shared base when they are fine-tunes of one, docs/zoo.md)."""
         from weightzoo.data.slices import Preprocessing
         from weightzoo.generate.merge import merge_zoo, save_merged
         from weightzoo.zoo.store import Zoo
@@ -252,10 +369,10 @@ def register(app: typer.Typer) -> None:
         z = Zoo(zoo)
         task_list = _tasks(tasks)
         runs = z.runs(task=task_list[0]) if task_list else []
-        ds_path = dataset or (_dataset_of(z, runs[0].dataset) if runs else None)
+        ds_path = dataset or (z.dataset_path(runs[0].dataset) if runs else None)
         info = runs[0].info.get("preprocessing") if runs else None
         prep = Preprocessing.from_dict(info) if info else _prep_from_config(runs[0].config if runs else {})
-        res = merge_zoo(z, task_list, method, site, seed, lam, density, ds_path, prep)
+        res = merge_zoo(z, task_list, method, site, seed, lam, density, ds_path, prep, drop, dare_seed)
         info_out = {"zoo": str(zoo.resolve()), "dataset": runs[0].dataset if runs else None}
         if ds_path is not None:
             info_out["dataset_path"] = str(Path(ds_path).resolve())
@@ -266,9 +383,8 @@ def register(app: typer.Typer) -> None:
             else ""
         )
         lam_s = f" λ={res.lam:g}" if res.lam is not None else ""
-        console.print(
-            f"merged {', '.join(task_list)} ({method}{lam_s}, seed {res.specialists.seed}) → [bold]{out}[/]{val}"
-        )
+        start = f"base {res.specialists.base}" if res.specialists.base else f"seed {res.specialists.seed}"
+        console.print(f"merged {', '.join(task_list)} ({method}{lam_s}, {start}) → [bold]{out}[/]{val}")
 
 
 def _prep_from_config(cfg: dict[str, Any]) -> Any:

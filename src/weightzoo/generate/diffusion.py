@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import copy
 import math
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
@@ -271,14 +272,33 @@ def ddim_sample(
     clean update x0 [B, numel].
 
     The noise is drawn on the CPU from `generator`, so a seed gives the same result on any device."""
-    T = model.cfg.timesteps
-    alpha_bar = cosine_alpha_bar(T).to(start.device)
-    ts = torch.linspace(T - 1, 0, max(1, steps)).round().long().tolist()
-    x = torch.randn(start.shape, generator=generator).to(start.device)
-    x0 = torch.zeros_like(start)
+    return ddim_loop(
+        lambda x, t: model(x, t, start, metric_current, metric_target, site_weights),
+        tuple(start.shape),
+        start.device,
+        model.cfg.timesteps,
+        steps,
+        generator,
+    )
+
+
+@torch.no_grad()
+def ddim_loop(
+    predict_x0: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    shape: tuple[int, ...],
+    device: torch.device,
+    timesteps: int,
+    steps: int,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """Deterministic DDIM (η = 0) of any x0-predicting model `predict_x0(x_t, t [B]) -> x0`, from
+    noise drawn on the CPU from `generator` (same seed, same result on any device)."""
+    alpha_bar = cosine_alpha_bar(timesteps).to(device)
+    ts = torch.linspace(timesteps - 1, 0, max(1, steps)).round().long().tolist()
+    x = torch.randn(shape, generator=generator).to(device)
+    x0 = torch.zeros_like(x)
     for i, t in enumerate(ts):
-        tt = torch.full((start.shape[0],), t, dtype=torch.long, device=start.device)
-        x0 = model(x, tt, start, metric_current, metric_target, site_weights)
+        x0 = predict_x0(x, torch.full((shape[0],), t, dtype=torch.long, device=device))
         if i + 1 == len(ts):
             break
         a, a_next = alpha_bar[t], alpha_bar[ts[i + 1]]

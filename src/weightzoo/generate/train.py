@@ -289,7 +289,7 @@ def _jsonable(x: Any) -> Any:
     return x
 
 
-def _save_state(path: Path, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
+def save_state(path: Path, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
     blob = safetensors_bytes(
         {k: v.detach().cpu().contiguous() for k, v in tensors.items()},
         metadata={"state": json.dumps(_jsonable(meta))},
@@ -297,8 +297,39 @@ def _save_state(path: Path, tensors: dict[str, torch.Tensor], meta: dict[str, An
     atomic_write_bytes(path, blob)
 
 
+def training_state(
+    model: torch.nn.Module, ema: EMA, opt: torch.optim.Optimizer
+) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """A training checkpoint as (tensors, metadata): model, EMA and optimizer state (no pickle)."""
+    tensors = {f"model.{k}": v for k, v in model.state_dict().items()}
+    tensors.update({f"ema.{k}": v for k, v in ema.model.state_dict().items()})
+    od = opt.state_dict()
+    for pid, ps in od["state"].items():
+        for k, v in ps.items():
+            tensors[f"optim.{pid}.{k}"] = v if torch.is_tensor(v) else torch.tensor(v)
+    return tensors, {"ema_n": ema.n, "param_groups": od["param_groups"]}
+
+
+def restore_training_state(
+    tensors: dict[str, torch.Tensor],
+    st: dict[str, Any],
+    model: torch.nn.Module,
+    ema: EMA,
+    opt: torch.optim.Optimizer,
+) -> None:
+    """The inverse of `training_state`."""
+    model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
+    ema.model.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("ema.")})
+    ema.n = int(st["ema_n"])
+    opt_state = {
+        int(pid): {k.split(".", 2)[2]: tensors[k] for k in tensors if k.startswith(f"optim.{pid}.")}
+        for pid in {k.split(".")[1] for k in tensors if k.startswith("optim.")}
+    }
+    opt.load_state_dict({"state": opt_state, "param_groups": st["param_groups"]})
+
+
 def read_state(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """(tensors, metadata) of a safetensors file written by `_save_state`, with one-line errors."""
+    """(tensors, metadata) of a safetensors file written by `save_state`, with one-line errors."""
     try:
         with safe_open(str(path), "pt") as f:
             meta = json.loads((f.metadata() or {}).get("state", "{}"))
@@ -610,14 +641,7 @@ def train_generator(
                 "use another --out, or --force to start again",
                 out_dir,
             )
-        model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
-        ema.model.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("ema.")})
-        ema.n = int(st["ema_n"])
-        opt_state = {
-            int(pid): {k.split(".", 2)[2]: tensors[k] for k in tensors if k.startswith(f"optim.{pid}.")}
-            for pid in {k.split(".")[1] for k in tensors if k.startswith("optim.")}
-        }
-        opt.load_state_dict({"state": opt_state, "param_groups": st["param_groups"]})
+        restore_training_state(tensors, st, model, ema, opt)
         start, history, seconds_before = int(st["step"]), st["history"], float(st["seconds"])
         say(f"resumed from step {start}")
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -632,21 +656,12 @@ def train_generator(
         return seconds_before + time.perf_counter() - t0
 
     def checkpoint(step: int) -> None:
-        tensors = {f"model.{k}": v for k, v in model.state_dict().items()}
-        tensors.update({f"ema.{k}": v for k, v in ema.model.state_dict().items()})
-        od = opt.state_dict()
-        for pid, ps in od["state"].items():
-            for k, v in ps.items():
-                tensors[f"optim.{pid}.{k}"] = v if torch.is_tensor(v) else torch.tensor(v)
-        st = {
-            "identity": identity,
-            "step": step,
-            "history": history,
-            "seconds": seconds(),
-            "ema_n": ema.n,
-            "param_groups": od["param_groups"],
-        }
-        _save_state(ckpt_path, tensors, st)
+        tensors, st = training_state(model, ema, opt)
+        save_state(
+            ckpt_path,
+            tensors,
+            {**st, "identity": identity, "step": step, "history": history, "seconds": seconds()},
+        )
 
     @torch.no_grad()
     def val_loss() -> float | None:
@@ -731,7 +746,7 @@ def train_generator(
         "n_params": sum(p.numel() for p in model.parameters()),
         "finished": True,
     }
-    _save_state(out_dir / GEN_WEIGHTS, ema.model.state_dict(), {"format": GEN_FORMAT})
+    save_state(out_dir / GEN_WEIGHTS, ema.model.state_dict(), {"format": GEN_FORMAT})
     atomic_write_json(out_dir / GEN_LOG, {"history": _jsonable(history)})
     atomic_write_json(out_dir / GEN_JSON, _jsonable(meta))
     ckpt_path.unlink(missing_ok=True)

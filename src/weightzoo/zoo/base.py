@@ -121,7 +121,8 @@ def base_from_bytes(weights: bytes, meta: dict[str, Any], source: str = "base") 
     """A BaseNet from its safetensors bytes and model.json (how a zoo keeps it)."""
     spec = ArchSpec.from_dict(meta["arch"])
     try:
-        state = {k: v.float() for k, v in safetensors_load(weights).items()}
+        loaded = safetensors_load(weights)  # key order is not stable across processes: sort it
+        state = {k: loaded[k].float() for k in sorted(loaded)}
     except SafetensorError as e:
         raise ModelError(
             f"cannot parse the base's weights ({e})", "re-run `weightzoo base train`", source
