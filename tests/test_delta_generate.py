@@ -185,3 +185,20 @@ def test_delta_generator_refuses_a_random_init_zoo(tiny_phantom_dataset, tmp_pat
     )
     err = capsys.readouterr().err
     assert rc == 2 and "no base network" in err
+
+
+def test_demo_section_shows_soups_and_generated_next_to_the_zoo_best(
+    tiny_phantom_dataset, tmp_path: Path
+) -> None:
+    from weightzoo.evaluate.report import Report
+    from weightzoo.generate.delta_demo import demo_delta
+
+    rep = Report(tmp_path / "report", "demo")
+    out = demo_delta(tmp_path / "demo", tiny_phantom_dataset, rep, log=str, seconds_budget=1)
+    names = [r["network"] for r in out["rows"]]
+    assert names[0] == "base alone" and names[1].startswith("zoo best")
+    assert any("soup" in n for n in names) and names[-1].startswith("generated")
+    assert all(0.0 <= r["test Dice"] <= 1.0 for r in out["rows"])
+    assert out["unseen_site"] == "B" and len(out["unseen_rows"]) == 2
+    assert load_model(tmp_path / "demo" / "base_route" / "generated_net").tasks == ["cord"]
+    assert "Models from one base" in rep.write().read_text()

@@ -28,7 +28,8 @@ from weightzoo.segmenter import NetSegmenter
 from weightzoo.train.loop import TrainConfig, TrainResult, train_model
 
 DEMO_TASKS = ("cord", "gm", "canal", "lesion")
-ROUTES = ("zoo", "generate", "heads", "incontext")
+ROUTES = ("zoo", "delta", "generate", "heads", "incontext")
+DEFAULT_ROUTES = ("zoo", "delta", "heads", "incontext")  # "generate" (G.pt-style) on request
 
 
 @dataclass
@@ -47,9 +48,10 @@ class DemoSettings:
     seed: int = 0
     device: str = "auto"
     # Later routes, each sized from a short timing to about its budget (seconds on 2 CPU cores).
-    routes: tuple[str, ...] = ROUTES
+    routes: tuple[str, ...] = DEFAULT_ROUTES
     route_seconds: tuple[tuple[str, float], ...] = (
         ("zoo", 45.0),
+        ("delta", 60.0),
         ("generate", 30.0),
         ("heads", 30.0),
         ("incontext", 10.0),
@@ -169,6 +171,10 @@ def _run_routes(rep: Report, out: Path, ds: RawDataset, s: DemoSettings, log: An
                     "the generate route needs the zoo route", "run the demo with --routes zoo,generate"
                 )
             done["generate"] = demo_generate(out, done["zoo"]["zoo"], ds, rep, log, budget["generate"])
+        elif route == "delta":
+            from weightzoo.generate.delta_demo import demo_delta
+
+            done["delta"] = demo_delta(out, ds, rep, log, budget["delta"])
         elif route == "heads":
             from weightzoo.heads.demo import demo_heads
 
