@@ -16,13 +16,7 @@ from weightzoo.zoo import Zoo
 from weightzoo.zoo.base import DELTA_PREFIX, is_trainable, join_delta, load_base, split_delta
 from weightzoo.zoo.grid import Grid
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def test_split_join_delta_is_bit_exact() -> None:

@@ -19,13 +19,7 @@ from weightzoo.generate.delta_sample import DeltaGenerator
 from weightzoo.generate.site_embedding import folder_images, image_features, site_embedding
 from weightzoo.segmenter import load_model
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

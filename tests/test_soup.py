@@ -23,12 +23,7 @@ from weightzoo.zoo.soup import ValScorer, greedy_soup, make_soup, select_candida
 TRIPLE = ["cord", "gm", "canal"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def cli(args: list[object], capsys: pytest.CaptureFixture[str]) -> tuple[int, str]:

@@ -54,12 +54,7 @@ def make_zoo(path: Path, shard: bool = True, dtype: str = "float32") -> Zoo:
     return z
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.mark.parametrize("shard", [True, False])

@@ -92,13 +92,21 @@ def train(
         {"preset": preset, "seed": seed, "device": device, **{k: v for k, v in opts.items() if v is not None}}
     )
     res = train_generator(zoo, out, cfg, resume=resume, force=force, log=console.print)
+    _trained(
+        res,
+        out,
+        f"{res.meta['n_params']:,} parameters, {res.steps} steps, {res.seconds:.0f} s on {res.meta['device']}",
+    )
+
+
+def _trained(res: Any, out: Path, what: str) -> None:
+    """One line on a finished (or already finished) generator training."""
     if res.skipped:
         console.print(f"{out} already holds this finished generator; use --force to retrain")
         return
     last = res.history[-1] if res.history else {}
     console.print(
-        f"generator written to [bold]{out}[/] ({res.meta['n_params']:,} parameters, {res.steps} steps, "
-        f"{res.seconds:.0f} s on {res.meta['device']}) · final loss {last.get('loss', math.nan):.4f}"
+        f"generator written to [bold]{out}[/] ({what}) · final loss {last.get('loss', math.nan):.4f}"
     )
 
 
@@ -127,13 +135,10 @@ def _train_delta(
         }
     )
     res = train_delta_generator(zoo, out, cfg, dataset, resume=resume, force=force, log=console.print)
-    if res.skipped:
-        console.print(f"{out} already holds this finished generator; use --force to retrain")
-        return
-    last = res.history[-1] if res.history else {}
-    console.print(
-        f"delta generator written to [bold]{out}[/] ({len(res.meta['train_runs'])} fine-tunes, "
-        f"{res.meta['numel']:,} generated values, {res.seconds:.0f} s) · final loss {last.get('loss', math.nan):.4f}"
+    _trained(
+        res,
+        out,
+        f"delta: {len(res.meta['train_runs'])} fine-tunes, {res.meta['numel']:,} generated values, {res.seconds:.0f} s",
     )
 
 
@@ -182,11 +187,17 @@ def _sample_delta(
         info = {"selected_on": "val", "val_dice_candidates": scores}
     info.update(site=res.site, seed=seed, candidates=candidates, candidate=pick, sample_seconds=res.seconds)
     gen.save(res.states[pick], tasks, out, res.seconds, info)
-    chosen = info.get("val_dice_candidates", [None])[pick] if select_on else None
+    _generated(tasks, f"site {res.site}, {candidates} candidate(s)", res.seconds, out, info, pick)
+
+
+def _generated(
+    tasks: list[str], what: str, seconds: float, out: Path, info: dict[str, Any], pick: int
+) -> None:
+    """One line on a written generated network (with its val Dice when it was selected on val)."""
+    chosen = info.get("val_dice_candidates", [None])[pick] if "selected_on" in info else None
     extra = f" · val Dice {', '.join(f'{t} {v:.3f}' for t, v in chosen.items())}" if chosen else ""
     console.print(
-        f"generated [bold]{', '.join(tasks)}[/] network (site {res.site}, {candidates} candidate(s)) "
-        f"in {res.seconds:.2f} s → [bold]{out}[/]{extra}"
+        f"generated [bold]{', '.join(tasks)}[/] network ({what}) in {seconds:.2f} s → [bold]{out}[/]{extra}"
     )
 
 
@@ -287,11 +298,9 @@ def sample(
         sample_seconds=res.seconds,
     )
     gen.save(res.vectors[pick], tasks, out, res.seconds, info)
-    chosen = info.get("val_dice_candidates", [None])[pick] if select_on else None
-    extra = f" · val Dice {', '.join(f'{t} {v:.3f}' for t, v in chosen.items())}" if chosen else ""
-    console.print(
-        f"generated [bold]{', '.join(tasks)}[/] network (target {', '.join(f'{t} {v:.2f}' for t, v in res.target.items())}, "
-        f"site {site or 'any'}, from {res.start}) in {res.seconds:.2f} s → [bold]{out}[/]{extra}"
+    target = ", ".join(f"{t} {v:.2f}" for t, v in res.target.items())
+    _generated(
+        tasks, f"target {target}, site {site or 'any'}, from {res.start}", res.seconds, out, info, pick
     )
 
 

@@ -27,7 +27,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -47,6 +47,7 @@ from weightzoo.generate.train import (
     GEN_JSON,
     GEN_LOG,
     GEN_WEIGHTS,
+    checked_config,
     read_state,
     restore_training_state,
     save_state,
@@ -96,11 +97,7 @@ class DeltaGenConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> DeltaGenConfig:
-        known = [f.name for f in fields(cls)]
-        unknown = sorted(set(d) - set(known))
-        if unknown:
-            raise InputError(f"unknown generator config key(s) {unknown}", f"known keys: {', '.join(known)}")
-        return cls(**d)
+        return checked_config(cls, d)
 
     def identity(self) -> dict[str, Any]:
         d = asdict(self)

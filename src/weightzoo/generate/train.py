@@ -68,6 +68,15 @@ TRAIN_PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
+def checked_config(cls: Any, d: dict[str, Any]) -> Any:
+    """A generator config dataclass from a dict; unknown keys are a one-line InputError."""
+    known = [f.name for f in fields(cls)]
+    unknown = sorted(set(d) - set(known))
+    if unknown:
+        raise InputError(f"unknown generator config key(s) {unknown}", f"known keys: {', '.join(known)}")
+    return cls(**d)
+
+
 @dataclass
 class GenTrainConfig:
     """How a generator is trained. `from_dict` rejects unknown keys."""
@@ -113,11 +122,7 @@ class GenTrainConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> GenTrainConfig:
-        known = [f.name for f in fields(cls)]
-        unknown = sorted(set(d) - set(known))
-        if unknown:
-            raise InputError(f"unknown generator config key(s) {unknown}", f"known keys: {', '.join(known)}")
-        return cls(**d)
+        return checked_config(cls, d)
 
     def identity(self) -> dict[str, Any]:
         d = self.to_dict()
