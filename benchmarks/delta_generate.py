@@ -402,6 +402,110 @@ class Bench:
         return best_d
 
 
+def _ci95(values: list[float]) -> tuple[float, float, float]:
+    """mean and a 95 % t-interval of the mean."""
+    from scipy import stats
+
+    v = np.asarray(values, dtype=np.float64)
+    m = float(v.mean())
+    if len(v) < 2:
+        return m, math.nan, math.nan
+    h = float(stats.t.ppf(0.975, len(v) - 1) * v.std(ddof=1) / math.sqrt(len(v)))
+    return m, m - h, m + h
+
+
+def tables(res: dict[str, Any]) -> str:
+    """Markdown tables from results.json (G1/G2, G3, G4, speed)."""
+    out = []
+    rows = res["g1"]
+    cols = [k for k in rows[0] if k not in ("task", "site", "nearest dist")]
+    out.append("| task | site | " + " | ".join(cols) + " |")
+    out.append("|---" * (len(cols) + 2) + "|")
+    for r in rows:
+        out.append(f"| {r['task']} | {r['site']} | " + " | ".join(fmt(r[c]) for c in cols) + " |")
+    out.append("")
+    out.append("Mean over the task × site cells (per seed, then mean ± sd over seeds):")
+    out.append("")
+    out.append("| route | mean test Dice | − zoo best (points) | 95 % interval (points) | over |")
+    out.append("|---|---|---|---|---|")
+    best = np.array([r["zoo best (val)"][0] for r in rows])
+    for c in cols:
+        n = min(len(r[c]) for r in rows)
+        if n == 1:  # deterministic route: interval over cells
+            diffs = [100 * (r[c][0] - b) for r, b in zip(rows, best, strict=True)]
+            over = f"{len(rows)} cells"
+            per_seed = [float(np.mean([r[c][0] for r in rows]))]
+        else:  # one mean difference per seed
+            diffs = [
+                100 * float(np.mean([r[c][s] - b for r, b in zip(rows, best, strict=True)])) for s in range(n)
+            ]
+            over = f"{n} seeds"
+            per_seed = [float(np.mean([r[c][s] for r in rows])) for s in range(n)]
+        m, lo, hi = _ci95(diffs)
+        out.append(f"| {c} | {fmt(per_seed)} | {m:+.2f} | [{lo:+.2f}, {hi:+.2f}] | {over} |")
+    out.append("")
+    out.append(
+        "G3, one network for cord + gm + canal (test Dice per task; generated: mean ± sd over generators):"
+    )
+    out.append("")
+    out.append("| site | route | cord | gm | canal | worst gap to specialist (points) |")
+    out.append("|---|---|---|---|---|---|")
+    for r in res["g3"]:
+        spec = {t: r[f"specialist {t}"] for t in TASKS}
+        out.append(f"| {r['site']} | specialists | " + " | ".join(f"{spec[t]:.3f}" for t in TASKS) + " | – |")
+        for name in (
+            "joint fine-tune",
+            "uniform soup (multi-task)",
+            "task arithmetic (val λ)",
+            "generated best-of-8",
+        ):
+            if name not in r:
+                continue
+            d = r[name]
+            vals = {t: (d[t] if isinstance(d[t], list) else [d[t]]) for t in TASKS}
+            gap = max(100 * (spec[t] - float(np.mean(vals[t]))) for t in TASKS)
+            out.append(
+                f"| {r['site']} | {name} | " + " | ".join(fmt(vals[t]) for t in TASKS) + f" | {gap:.1f} |"
+            )
+    out.append("")
+    out.append("G4, sites G and H that neither the base nor the zoo saw:")
+    out.append("")
+    g4c = [
+        "base",
+        "base+100 (labels)",
+        "kNN nearest site's best",
+        "generated (8 unlabelled images)",
+        "generated (site unknown)",
+        "recovery",
+    ]
+    out.append("| task | site | " + " | ".join(g4c) + " | nearest site |")
+    out.append("|---" * (len(g4c) + 3) + "|")
+    for r in res["g4"]:
+        out.append(
+            f"| {r['task']} | {r['site']} | "
+            + " | ".join(fmt(r[c]) for c in g4c)
+            + f" | {r['nearest site']} |"
+        )
+    out.append("")
+    out.append(
+        "Speed (generator seed 0, seen site's stored embedding; fine-tuning all weights, the zoo's recipe):"
+    )
+    out.append("")
+    out.append(
+        "| task | site | sample + check (s) | generated test Dice | fine-tune steps to reach it | fine-tune (s) | ratio |"
+    )
+    out.append("|---|---|---|---|---|---|---|")
+    for r in res["speed"]:
+        ratio = (
+            f"{r['ft seconds'] / r['gen seconds']:.0f}×" if r["ft seconds"] else "not reached in 200 steps"
+        )
+        ft = f"{r['ft seconds']:.2f}" if r["ft seconds"] else "–"
+        out.append(
+            f"| {r['task']} | {r['site']} | {r['gen seconds']:.3f} | {r['gen dice']:.3f} | {r['ft steps']} | {ft} | {ratio} |"
+        )
+    return "\n".join(out)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--work", default="bench_delta")
@@ -416,11 +520,15 @@ def main() -> None:
     p.add_argument("--gen-steps", type=int, default=2000)
     p.add_argument("--seeds", type=int, default=5, help="seeds of fine-tune and noise baselines")
     p.add_argument("--quick", action="store_true", help="tiny settings: a smoke test of the script")
+    p.add_argument("--tables-only", action="store_true", help="print the tables of --work/results.json")
     a = p.parse_args()
+    if a.tables_only:
+        print(tables(json.loads((Path(a.work) / "results.json").read_text())))
+        return
     if a.quick:
         a.preset, a.subjects, a.base_steps, a.ft_steps, a.zoo_seeds, a.all_seeds = "tiny", 6, 300, 10, 3, 1
         a.gen_seeds, a.gen_steps, a.seeds = 2, 100, 2
-    Bench(a).run()
+    print(tables(Bench(a).run()))
 
 
 if __name__ == "__main__":
