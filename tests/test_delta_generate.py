@@ -5,6 +5,7 @@ its errors. Tiny settings on the shared `finetune_zoo` fixture, one thread."""
 from __future__ import annotations
 
 import json
+import math
 import shutil
 from pathlib import Path
 
@@ -196,3 +197,18 @@ def test_demo_section_shows_soups_and_generated_next_to_the_zoo_best(
     assert out["unseen_site"] == "B" and len(out["unseen_rows"]) == 2
     assert load_model(tmp_path / "demo" / "base_route" / "generated_net").tasks == ["cord"]
     assert "Models from one base" in rep.write().read_text()
+
+
+def test_generate_eval_for_delta_generators(
+    delta_gen: Path, finetune_zoo: Path, tiny_phantom_dataset, tmp_path: Path
+) -> None:
+    args = ["generate", "eval", "-g", str(delta_gen), "--zoo", str(finetune_zoo)]
+    args += ["--dataset", str(tiny_phantom_dataset.root), "--out", str(tmp_path / "ev"), "--candidates", "2"]
+    assert main(args) == 0
+    res = json.loads((tmp_path / "ev" / "summary.json").read_text())
+    assert res["seen"] and not res["unseen"]  # the fixture zoo covers both sites
+    row = res["seen"][0]
+    for k in ("base", "zoo best (val)", "uniform soup", "greedy soup", "generated one-shot", "noisy nearest"):
+        assert k in row
+    assert all(0.0 <= v <= 1.0 or math.isnan(v) for v in row["generated one-shot"])
+    assert (tmp_path / "ev" / "report.html").is_file()

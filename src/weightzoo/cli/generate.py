@@ -321,8 +321,19 @@ def evaluate(
     ),
     device: str = typer.Option("cpu", help="cpu | cuda | auto: where to sample, score and time training."),
 ) -> None:
-    """Evaluate generators: vs the zoo's best checkpoint, prompt alignment, generalisation, multi-task, time."""
+    """Evaluate generators on the TEST subjects (every selection on val).
+
+    gpt: vs the zoo's best checkpoint, prompt alignment, generalisation, multi-task, time. delta: vs the
+    base, the zoo's best checkpoint, soups and the noisy-nearest baseline; sites no zoo run saw."""
     from weightzoo.generate.evaluate import evaluate_generators, fmt
+    from weightzoo.generate.train import read_generator_json
+
+    if read_generator_json(generator[0]).get("kind") == "delta":
+        from weightzoo.generate.delta_eval import evaluate_delta_generators
+
+        evaluate_delta_generators(generator, zoo, dataset, out, candidates, log=console.print)
+        console.print(f"report: [bold]{out / 'report.html'}[/]")
+        return
 
     res = evaluate_generators(
         generator,
