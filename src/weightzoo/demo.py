@@ -51,7 +51,7 @@ class DemoSettings:
     routes: tuple[str, ...] = DEFAULT_ROUTES
     route_seconds: tuple[tuple[str, float], ...] = (
         ("zoo", 45.0),
-        ("delta", 60.0),
+        ("delta", 45.0),
         ("generate", 30.0),
         ("heads", 30.0),
         ("incontext", 10.0),
