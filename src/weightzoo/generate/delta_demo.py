@@ -110,7 +110,7 @@ def demo_delta(
         soup = make_soup(zoo, ["cord"], site, method=method, dataset=ds)
         rows.append(
             {
-                "network": f"{method} soup of {len(soup.chosen)} fine-tunes",
+                "network": f"{method} soup of {len(soup.chosen)} fine-tune(s)",
                 "test Dice": test(soup.state, ["cord"], site),
             }
         )
