@@ -131,3 +131,43 @@ def finetune_zoo(tiny_phantom_dataset: RawDataset, phantom_base: Path, tmp_path_
     )
     torch.set_num_threads(old)
     return root / "zoo"
+
+
+@pytest.fixture(scope="session")
+def kill_build_after():
+    """kill_build_after(dataset_root, grid_yaml, zoo, n, *extra): run `weightzoo zoo build` in a
+    subprocess and SIGKILL it once at least n checkpoints are committed (fails if it ends first)."""
+    import os
+    import signal
+    import sqlite3
+    import subprocess
+    import sys
+    import time
+
+    def run(dataset_root: Path, grid_yaml: Path, zoo: Path, n_min: int, *extra: str) -> None:
+        cmd = [
+            sys.executable,
+            "-c",
+            "import sys; from weightzoo.cli import main; sys.exit(main(sys.argv[1:]))",
+            *("zoo", "build", "--dataset", str(dataset_root), "--grid", str(grid_yaml), "--zoo", str(zoo)),
+            *("--no-shard", "--no-progress", *extra),
+        ]
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+        proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        n, deadline = 0, time.time() + 120
+        while time.time() < deadline and proc.poll() is None:
+            try:
+                with sqlite3.connect(zoo / "manifest.sqlite", timeout=1) as db:
+                    n = db.execute("SELECT COUNT(*) FROM checkpoints").fetchone()[0]
+            except sqlite3.Error:
+                n = 0
+            if n >= n_min:
+                break
+            time.sleep(0.02)
+        assert proc.poll() is None, (
+            f"the build ended before it could be killed: {proc.stderr.read().decode()[-500:]}"
+        )
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+    return run

@@ -147,42 +147,19 @@ def test_base_train_cli_and_bad_base(tiny_phantom_dataset, tmp_path: Path, capsy
 
 
 def test_kill_9_mid_finetune_build_then_restart(
-    finetune_zoo: Path, phantom_base: Path, finetune_grid: dict, tiny_phantom_dataset, tmp_path: Path
+    finetune_zoo: Path,
+    phantom_base: Path,
+    finetune_grid: dict,
+    tiny_phantom_dataset,
+    tmp_path: Path,
+    kill_build_after,
 ) -> None:
     """A real fine-tune zoo build is SIGKILLed mid-way, then run again: every planned checkpoint once,
     verify passes, and every checkpoint loads bit-identical to the uninterrupted build's."""
-    import os
-    import signal
-    import sqlite3
-    import subprocess
-    import sys
-    import time
-
     grid = {**finetune_grid, "from": str(phantom_base)}
     (tmp_path / "grid.yaml").write_text(yaml.safe_dump(grid))
     zoo_dir = tmp_path / "zoo"
-    cmd = [
-        sys.executable,
-        "-c",
-        "import sys; from weightzoo.cli import main; sys.exit(main(sys.argv[1:]))",
-        *("zoo", "build", "--dataset", str(tiny_phantom_dataset.root), "--grid", str(tmp_path / "grid.yaml")),
-        *("--zoo", str(zoo_dir), "--no-shard", "--no-progress"),
-    ]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    n, deadline = 0, time.time() + 120
-    while time.time() < deadline and proc.poll() is None:
-        try:
-            with sqlite3.connect(zoo_dir / "manifest.sqlite", timeout=1) as db:
-                n = db.execute("SELECT COUNT(*) FROM checkpoints").fetchone()[0]
-        except sqlite3.Error:
-            n = 0
-        if n >= 10:
-            break
-        time.sleep(0.02)
-    assert proc.poll() is None, f"the build ended before the kill: {proc.stderr.read().decode()[-500:]}"
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
+    kill_build_after(tiny_phantom_dataset.root, tmp_path / "grid.yaml", zoo_dir, 10)
     from weightzoo.zoo.build import build_zoo
 
     with Zoo(zoo_dir) as z:

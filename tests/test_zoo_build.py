@@ -6,13 +6,7 @@ All on the tiny preset and the 64 px phantom fixture, one torch thread (the test
 
 from __future__ import annotations
 
-import os
 import shutil
-import signal
-import sqlite3
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -101,7 +95,9 @@ def test_build_gives_the_planned_zoo(built: Path, tiny_phantom_dataset, capsys, 
     assert (res.runs_skipped, res.runs_trained, res.checkpoints_committed) == (8, 0, 0)
 
 
-def test_kill_9_mid_build_then_restart(built: Path, tiny_phantom_dataset, tmp_path: Path) -> None:
+def test_kill_9_mid_build_then_restart(
+    built: Path, tiny_phantom_dataset, tmp_path: Path, kill_build_after
+) -> None:
     """A real build process is SIGKILLed after some checkpoints are committed (one file each, so
     runs are left half-committed), then restarted: exactly the planned runs and checkpoints, no
     duplicates or orphans, verify passes, and every checkpoint is bit-identical to an uninterrupted
@@ -109,30 +105,7 @@ def test_kill_9_mid_build_then_restart(built: Path, tiny_phantom_dataset, tmp_pa
     grid = GRID
     (tmp_path / "grid.yaml").write_text(yaml.safe_dump(grid))
     zoo = tmp_path / "zoo"
-    cmd = [
-        sys.executable,
-        "-c",
-        "import sys; from weightzoo.cli import main; sys.exit(main(sys.argv[1:]))",
-        *("zoo", "build", "--dataset", str(tiny_phantom_dataset.root), "--grid", str(tmp_path / "grid.yaml")),
-        *("--zoo", str(zoo), "--mode", "sequential", "--no-shard", "--no-progress"),
-    ]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    n, deadline = 0, time.time() + 120
-    while time.time() < deadline and proc.poll() is None:
-        try:
-            with sqlite3.connect(zoo / "manifest.sqlite", timeout=1) as db:
-                n = db.execute("SELECT COUNT(*) FROM checkpoints").fetchone()[0]
-        except sqlite3.Error:
-            n = 0
-        if n >= 8:
-            break
-        time.sleep(0.02)
-    assert proc.poll() is None, (
-        f"the build ended before it could be killed: {proc.stderr.read().decode()[-500:]}"
-    )
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
+    kill_build_after(tiny_phantom_dataset.root, tmp_path / "grid.yaml", zoo, 8, "--mode", "sequential")
     with Zoo(zoo) as z:
         n_before = len(z.checkpoints())
         assert 8 <= n_before < 40
