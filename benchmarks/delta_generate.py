@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from finetune_site import finetune
 from weightzoo.data.raw import RawDataset
 from weightzoo.data.slices import Preprocessing
 from weightzoo.data.synth import make_phantom_dataset
@@ -40,8 +41,6 @@ from weightzoo.train.config import TrainConfig
 from weightzoo.train.loop import train_model
 from weightzoo.zoo.base import load_base
 from weightzoo.zoo.build import build_zoo
-from weightzoo.zoo.grid import Grid
-from weightzoo.zoo.runs import load_zoo_data, train_sequential
 from weightzoo.zoo.store import Zoo
 
 TASKS = ["cord", "gm", "canal"]
@@ -121,37 +120,10 @@ class Bench:
 
     # ---- helpers ------------------------------------------------------------------------------------
     def finetune(
-        self,
-        ds: RawDataset,
-        base: Path,
-        tasks: list[str],
-        site: str,
-        steps: int,
-        seed: int,
-        trainable: str = "all",
+        self, ds: RawDataset, base: Path, tasks: list[str], site: str, steps: int, seed: int
     ) -> tuple[dict[str, torch.Tensor], float]:
-        """A fine-tune of the base with labels (the zoo's recipe), its final state and seconds."""
-        grid = {
-            "from": str(base),
-            "tasks": [tasks],
-            "sites": [site],
-            "seeds": [seed],
-            "steps": steps,
-            "optimizer": "adam",
-            "lr": 1e-3,
-            "batch_size": 8,
-            "checkpoints": 0,
-            "trainable": trainable,
-        }
-        plan = Grid(grid).expand(ds)[0]
-        prep = Preprocessing("zscore", (32, 32), 2, 1)
-        data = load_zoo_data(ds, [plan], prep).run_data(plan, torch.device("cpu"))
-        got: dict[str, Any] = {}
-        t0 = time.perf_counter()
-        train_sequential(
-            plan, data, torch.device("cpu"), lambda ck: got.update({ck.step: ck.state}), skip=[0]
-        )
-        return got[steps], time.perf_counter() - t0
+        """A fine-tune of the base with labels (the zoo's recipe): final state, seconds."""
+        return finetune(ds, base, tasks, site, steps, seed)
 
     def seg(self, state: dict[str, torch.Tensor], tasks: list[str]) -> NetSegmenter:
         spec = self.base_net.spec.with_classes(len(tasks))
