@@ -32,6 +32,7 @@ from weightzoo.data.raw import RawDataset
 from weightzoo.data.slices import Preprocessing
 from weightzoo.data.synth import make_phantom_dataset
 from weightzoo.generate.delta import DeltaGenConfig, DeltaLayout, delta_runs, train_delta_generator
+from weightzoo.generate.delta_eval import final_checkpoint, val_score
 from weightzoo.generate.delta_sample import DeltaGenerator
 from weightzoo.generate.evaluate import Scorer, mean_sd
 from weightzoo.generate.site_embedding import dataset_site_images, embed_sites, site_embedding
@@ -163,11 +164,10 @@ class Bench:
             return out
 
         def final_state(r: Any) -> dict[str, torch.Tensor]:
-            return zoo.load(max(zoo.checkpoints(run_id=r.run_id), key=lambda c: c.step))
+            return zoo.load(final_checkpoint(zoo, r))
 
         def val_of(r: Any) -> float:
-            c = max(zoo.checkpoints(run_id=r.run_id), key=lambda c: c.step)
-            return float(np.nanmean([c.metrics.get(t, {}).get("val_dice") or np.nan for t in r.tasks]))
+            return val_score(zoo, r)
 
         def best_run(tasks: list[str], site: str, subset: str | None) -> Any:
             return max(runs_of(tasks, site, subset), key=val_of)

@@ -153,6 +153,7 @@ def test_cli_train_sample_select_and_errors(
         ["--task", "cord", "--site", "A", "--select-on", "test"],  # never select on test
         ["--task", "cord", "--site-images", str(tmp_path)],  # a folder without images
         ["--task", "cord", "--site", "A", "--site-images", str(tmp_path)],  # two ways at once
+        ["--task", "cord", "--site", "A", "--target-dice", "0.9"],  # a G.pt-style option
     ]
     for extra in bad:
         rc = main(["generate", "sample", "-g", str(delta_gen), *extra, "--out", str(tmp_path / "x")])

@@ -246,6 +246,20 @@ def sample(
     from weightzoo.zoo.store import Zoo
 
     if read_generator_json(generator).get("kind") == "delta":
+        gpt_only = {
+            "--target-dice": target_dice,
+            "--from-init": from_init,
+            "--from": from_ckpt,
+            "--current-dice": current_dice,
+            "--zoo": zoo,
+        }
+        given = [k for k, v in gpt_only.items() if v is not None] + (["--steps"] if steps != 1 else [])
+        if given:
+            raise InputError(
+                f"{', '.join(given)}: options of G.pt-style generators; this is a delta generator",
+                "drop them (a delta generator takes --task and --site-images or --site)",
+                generator,
+            )
         _sample_delta(
             generator, task, out, site, site_images, candidates, select_on, dataset, seed, ddim_steps
         )

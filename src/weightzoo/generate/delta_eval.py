@@ -35,12 +35,14 @@ from weightzoo.zoo.soup import make_soup
 from weightzoo.zoo.store import Zoo
 
 
-def _final(zoo: Zoo, run: Any) -> Any:
+def final_checkpoint(zoo: Zoo, run: Any) -> Any:
+    """A run's last checkpoint."""
     return max(zoo.checkpoints(run_id=run.run_id), key=lambda c: c.step)
 
 
-def _val(zoo: Zoo, run: Any) -> float:
-    c = _final(zoo, run)
+def val_score(zoo: Zoo, run: Any) -> float:
+    """Mean val Dice of a run's last checkpoint over its tasks (-inf when none is recorded)."""
+    c = final_checkpoint(zoo, run)
     vals = [c.metrics.get(t, {}).get("val_dice") for t in run.tasks]
     vals = [v for v in vals if v is not None]
     return float(np.mean(vals)) if vals else -math.inf
@@ -80,15 +82,15 @@ def evaluate_delta_generators(
             row: dict[str, Any] = {"task": task, "site": site}
             row["base"] = test(g0.base.restricted([task])[1], [task], site)
             row["zoo best (val)"] = test(
-                zoo.load(_final(zoo, max(mine, key=lambda r: _val(zoo, r)))), [task], site
+                zoo.load(final_checkpoint(zoo, max(mine, key=lambda r: val_score(zoo, r)))), [task], site
             )
             for method in ("uniform", "greedy"):
                 soup = make_soup(zoo, [task], site, method=method, trainable=subset, dataset=ds, base_id=bid)
                 row[f"{method} soup"] = test(soup.state, [task], site)
             nearest = g0.layout.run_vector(
-                zoo.load(_final(zoo, max(sub, key=lambda r: _val(zoo, r)))), [task]
+                zoo.load(final_checkpoint(zoo, max(sub, key=lambda r: val_score(zoo, r)))), [task]
             )
-            train_vecs = [g0.layout.run_vector(zoo.load(_final(zoo, r)), [task])[0] for r in sub]
+            train_vecs = [g0.layout.run_vector(zoo.load(final_checkpoint(zoo, r)), [task])[0] for r in sub]
             one, best, noisy = [], [], []
             for i, g in enumerate(gens):
                 emb = g.embed_images(dataset_site_images(ds, site, g.prep, n=8, seed=i))

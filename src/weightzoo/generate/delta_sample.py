@@ -170,25 +170,10 @@ class DeltaGenerator:
         self, states: Sequence[dict[str, torch.Tensor]], tasks: Sequence[str], dataset: Any, site: str | None
     ) -> list[dict[str, float]]:
         """Pseudo Dice per task of each state on the dataset's VALIDATION cases of `site` (all if None)."""
-        from weightzoo.data.raw import RawDataset
-        from weightzoo.data.slices import load_slices
-        from weightzoo.train.loop import evaluate_slices
-        from weightzoo.train.losses import DiceBCELoss
+        from weightzoo.generate.merge import pseudo_dice, val_slices
 
-        ds = dataset if isinstance(dataset, RawDataset) else RawDataset.open(dataset)
-        cases = ds.cases_in("val", [site] if site else None)
-        if not cases:
-            raise InputError(
-                f"no validation cases for site {site or 'any'}",
-                "select on a dataset with a val split",
-                ds.root,
-            )
-        val = load_slices(ds, list(tasks), prep=self.prep, cases=cases)
-        out = []
-        for st in states:
-            _, dice = evaluate_slices(self.network(st, tasks), val, DiceBCELoss(), torch.device("cpu"))
-            out.append(dict(zip(tasks, dice, strict=True)))
-        return out
+        val = val_slices(dataset, tasks, self.prep, [site] if site else None)
+        return [pseudo_dice(self.network(st, tasks), val, tasks) for st in states]
 
     def select_on_val(
         self, res: DeltaSample, dataset: Any, site: str | None

@@ -25,7 +25,7 @@ on their **deltas** θ − θ_base.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -161,11 +161,6 @@ def join_delta(
         else:
             out[k] = v
     return out
-
-
-def delta_names(state_names: Iterable[str], subset: str) -> list[str]:
-    """The tensors a fine-tune with `trainable: subset` may change, in `state_names` order."""
-    return [n for n in state_names if is_trainable(n, subset)]
 
 
 def start_network(
