@@ -127,6 +127,30 @@ def test_kill_9_mid_build_then_restart(
     assert _sha(zoo) == _sha(built)
 
 
+def test_kill_9_mid_batched_build_then_restart(
+    tiny_phantom_dataset, tmp_path: Path, kill_build_after
+) -> None:
+    """The same on the batched path (micro preset, 32 px, 8 runs in one grouped batch): killed after
+    its first checkpoints and restarted (the batch trains again, committed checkpoints are skipped),
+    it ends with every checkpoint bit-identical to an uninterrupted batched build."""
+    grid = {**GRID, "preset": "micro", "size": [32, 32], "steps": 40}
+    (tmp_path / "grid.yaml").write_text(yaml.safe_dump(grid))
+    ref = build_zoo(
+        tiny_phantom_dataset, grid, tmp_path / "ref", mode="batched", progress=False, log=lambda s: None
+    )
+    assert ref.modes == {"batched": 8}
+    zoo = tmp_path / "zoo"
+    kill_build_after(tiny_phantom_dataset.root, tmp_path / "grid.yaml", zoo, 10, "--mode", "batched")
+    with Zoo(zoo) as z:
+        n_before = len(z.checkpoints())
+        assert 10 <= n_before < 40
+    res = build_zoo(tiny_phantom_dataset, grid, zoo, mode="batched", progress=False, log=lambda s: None)
+    assert res.checkpoints_committed == 40 - n_before
+    with Zoo(zoo) as z:
+        assert z.verify().ok
+    assert _sha(zoo) == _sha(tmp_path / "ref")
+
+
 def _plans_and_data(ds, grid: dict) -> tuple[list, list]:
     plans = Grid(grid).expand(ds)
     data = load_zoo_data(ds, plans, Preprocessing("zscore", (64, 64), 2, ds.n_channels))

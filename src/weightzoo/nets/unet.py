@@ -43,7 +43,7 @@ ALLOWED_OPS: dict[str, type[nn.Module]] = {
 OP_KEYS = ("conv_op", "norm_op", "dropout_op", "nonlin")
 
 
-def _unet_kwargs(features: list[int], n_conv: int, dropout: float) -> dict[str, Any]:
+def _unet_kwargs(features: list[int], n_conv: int, dropout: float, conv_bias: bool = True) -> dict[str, Any]:
     n = len(features)
     return {
         "n_stages": n,
@@ -53,7 +53,7 @@ def _unet_kwargs(features: list[int], n_conv: int, dropout: float) -> dict[str, 
         "strides": [[1, 1]] + [[2, 2]] * (n - 1),
         "n_conv_per_stage": [n_conv] * n,
         "n_conv_per_stage_decoder": [n_conv] * (n - 1),
-        "conv_bias": True,
+        "conv_bias": conv_bias,
         "norm_op": "torch.nn.modules.instancenorm.InstanceNorm2d",
         "norm_op_kwargs": {"eps": 1e-05, "affine": True},
         "dropout_op": "torch.nn.modules.dropout.Dropout2d" if dropout > 0 else None,
@@ -63,9 +63,14 @@ def _unet_kwargs(features: list[int], n_conv: int, dropout: float) -> dict[str, 
     }
 
 
-# name -> (features per stage, convs per stage). Patch size must be divisible by 2**(stages-1).
-PRESETS: dict[str, tuple[list[int], int]] = {
-    "tiny": ([4, 8, 16], 1),  # ~5 k params: tests
+# name -> (features per stage, convs per stage[, conv bias]). Patch size must be divisible by
+# 2**(stages-1).
+PRESETS: dict[str, tuple] = {
+    # G.pt scale (~3.7 k params) for zoos of thousands of runs. Without conv biases: every conv is
+    # followed by an instance norm, which subtracts them again, so they would be weight-space
+    # directions that change nothing (dead dimensions for a weight generator).
+    "micro": ([4, 8, 16], 1, False),
+    "tiny": ([4, 8, 16], 1),  # ~4 k params: tests
     "small": ([16, 32, 64, 128], 2),  # ~0.5 M params: CPU demo, zoo scale
     "default": ([32, 64, 128, 256, 512], 2),  # nnU-Net-2D-like, for a GPU
 }
@@ -86,11 +91,10 @@ class ArchSpec:
     def preset(
         cls, name: str, input_channels: int = 1, num_classes: int = 1, dropout: float = 0.0
     ) -> ArchSpec:
-        """A named preset (`tiny`, `small`, `default`); `dropout` > 0 adds spatial (channel) dropout."""
+        """A named preset (`micro`, `tiny`, `small`, `default`); `dropout` > 0 adds spatial (channel) dropout."""
         if name not in PRESETS:
             raise UnknownNameError("preset", name, list(PRESETS))
-        features, n_conv = PRESETS[name]
-        return cls(_unet_kwargs(features, n_conv, dropout), input_channels, num_classes)
+        return cls(_unet_kwargs(*PRESETS[name][:2], dropout, *PRESETS[name][2:]), input_channels, num_classes)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> ArchSpec:

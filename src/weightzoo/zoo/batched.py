@@ -1,10 +1,11 @@
-"""Many runs of one ArchSpec trained together: stacked parameters, one vmapped forward/backward per step.
+"""Many runs of one ArchSpec trained together: stacked parameters, one grouped forward/backward per step.
 
 Each run keeps its own seed (initialisation, batch indices, augmentation: `weightzoo.zoo.runs.draw_batch`,
 the same draws as training it alone), its own data (sites, tasks), learning rate, weight decay and
 gradient clipping. The step is nnU-Net's recipe written for stacked tensors:
 
-  logits[m] = functional_call(net, params[m], x[m])     (torch.func.vmap: one grouped conv per layer)
+  logits[m] = net(params[m], x[m])                      (weightzoo.zoo.grouped: one grouped conv per layer
+                                                         for all M; or torch.func.vmap, forward="vmap")
   loss      = M · DiceBCELoss(logits as [B, M·K, H, W])  (= Σ_m loss_m: batch Dice is per channel and BCE a
                                                           mean over equal-sized runs, so run m's gradient
                                                           is exactly the gradient of its own loss)
@@ -14,6 +15,9 @@ gradient clipping. The step is nnU-Net's recipe written for stacked tensors:
 Equal to training alone up to float rounding (grouped vs plain convolutions, fused vs unfused
 multiply-adds): the test bounds the difference after 10 steps. Requirements of a batch: one ArchSpec,
 batch size, step count and optimizer; no dropout (its masks come from the global RNG per run).
+
+Checkpoints due at the same step are scored together (`evaluate_stacked`: one grouped forward over the
+runs' evaluation slices, then the same `checkpoint_scores` as a run trained alone).
 
 `choose_mode` picks batched or sequential per device: on CUDA batched; on the CPU it times both on the
 actual architecture (a few steps each) and takes batched only if it is clearly faster, so the automatic
@@ -25,6 +29,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch.func import functional_call, vmap
@@ -36,11 +41,24 @@ from weightzoo.train.config import TrainConfig
 from weightzoo.train.loop import autocast_dtype, determinism, poly_lr
 from weightzoo.train.losses import DiceBCELoss
 from weightzoo.zoo.grid import RunPlan
-from weightzoo.zoo.runs import RunData, Sink, draw_batch, evaluate_checkpoint, pending
+from weightzoo.zoo.grouped import grouped_forward
+from weightzoo.zoo.runs import (
+    EVAL_BATCH,
+    Phases,
+    RunData,
+    Sink,
+    checkpoint_scores,
+    draw_batch,
+    eval_inputs,
+    pending,
+    phase_timer,
+)
 
 SGD_MOMENTUM = 0.99
 ADAM_BETAS, ADAM_EPS = (0.9, 0.999), 1e-8
 CALIBRATE_MIN_STEPS = 50
+FORWARDS = ("grouped", "vmap")
+EVAL_ELEMENTS = 2**26  # activations per grouped evaluation forward (~256 MB of float32 per layer)
 _choices: dict[tuple, str] = {}  # calibration results per (device, arch, batch, size, M)
 
 
@@ -75,10 +93,15 @@ class StackedRuns:
     clip: torch.Tensor  # [M] gradient-norm limits (0 = off)
     state: dict[str, dict[str, torch.Tensor]]
     n_updates: int = 0
+    impl: str = "grouped"  # grouped | vmap (FORWARDS)
 
     @classmethod
-    def make(cls, spec: ArchSpec, configs: list[TrainConfig], device: torch.device) -> StackedRuns:
+    def make(
+        cls, spec: ArchSpec, configs: list[TrainConfig], device: torch.device, impl: str = "grouped"
+    ) -> StackedRuns:
         """Run m starts from build_network(spec, seed=configs[m].seed), as it would alone."""
+        if impl not in FORWARDS:
+            raise InputError(f"unknown batched forward '{impl}'", f"use one of {', '.join(FORWARDS)}")
         nets = [build_network(spec, seed=c.seed) for c in configs]
         if any(True for _ in nets[0].buffers()):
             raise InputError(
@@ -104,24 +127,23 @@ class StackedRuns:
             wd=vec([c.weight_decay for c in configs]),
             clip=vec([c.grad_clip for c in configs]),
             state={n: {} for n in names},
+            impl=impl,
         )
 
     @property
     def m(self) -> int:
         return len(self.lr0)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x [M, B, C, H, W] -> logits [M, B, K, H, W]."""
+    def forward(self, x: torch.Tensor, params: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+        """x [M, B, C, H, W] -> logits [M, B, K, H, W] (params: a subset of runs, default all)."""
+        params = self.params if params is None else params
+        if self.impl == "grouped":
+            return grouped_forward(self.base, params, x)
 
         def one(p: dict[str, torch.Tensor], xx: torch.Tensor) -> torch.Tensor:
             return functional_call(self.base, p, (xx,))
 
-        return vmap(one)(self.params, x)
-
-    def run_forward(self, m: int) -> Callable[[torch.Tensor], torch.Tensor]:
-        """Run m's network as a function of x [B, C, H, W] (for evaluation)."""
-        p = {n: t[m].detach() for n, t in self.params.items()}
-        return lambda x: functional_call(self.base, p, (x,))
+        return vmap(one)(params, x)
 
     def run_state(self, m: int) -> dict[str, torch.Tensor]:
         return {n: t[m].detach() for n, t in self.params.items()}
@@ -133,8 +155,20 @@ class StackedRuns:
         lr: torch.Tensor,
         loss_fn: DiceBCELoss,
         amp: torch.dtype | None,
+        phases: Phases | None = None,
     ) -> None:
         """One training step of all M runs: x [M, B, C, H, W], y [M, B, K, H, W], lr [M]."""
+        phase = phase_timer(phases)
+        with phase("forward, backward"):
+            grads = self._gradients(x, y, loss_fn, amp)
+        with phase("update"), torch.no_grad():
+            used = {n: g for n, g in grads.items() if g is not None}
+            clipped = self._clip(list(used.values()))
+            self._update(dict(zip(used, clipped, strict=True)), lr)
+
+    def _gradients(
+        self, x: torch.Tensor, y: torch.Tensor, loss_fn: DiceBCELoss, amp: torch.dtype | None
+    ) -> dict[str, torch.Tensor | None]:
         leaves = {n: t.requires_grad_(True) for n, t in self.params.items()}
         with torch.autocast(x.device.type, dtype=amp or torch.float32, enabled=amp is not None):
             logits = self.forward(x)
@@ -145,12 +179,9 @@ class StackedRuns:
         # allow_unused: the seg layers of the lower decoder stages are unused without deep supervision;
         # like torch.optim (grad None) they are then not updated at all.
         grads = torch.autograd.grad(loss, list(leaves.values()), allow_unused=True)
-        with torch.no_grad():
-            for t in leaves.values():
-                t.requires_grad_(False)
-            used = {n: g for n, g in zip(leaves, grads, strict=True) if g is not None}
-            clipped = self._clip(list(used.values()))
-            self._update(dict(zip(used, clipped, strict=True)), lr)
+        for t in leaves.values():
+            t.requires_grad_(False)
+        return dict(zip(leaves, grads, strict=True))
 
     def _bcast(self, v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
         return v.view(-1, *([1] * (like.ndim - 1)))
@@ -183,6 +214,54 @@ class StackedRuns:
                 p.sub_((lr_b / bc1) * m1 / denom)
 
 
+@torch.no_grad()
+def evaluate_stacked(
+    runs: StackedRuns,
+    which: list[int],
+    datas: list[RunData],
+    tasks: list[list[str]],
+    loss_fn: DiceBCELoss,
+    amp: torch.dtype | None,
+) -> list[dict[str, Any]]:
+    """`checkpoint_scores` of runs `which` (indices into runs) at their current weights; datas and
+    tasks are per run of `which`. Runs with the same validation slices are scored in grouped forwards
+    of as many runs as EVAL_ELEMENTS allows."""
+    out: list[dict[str, Any] | None] = [None] * len(which)
+    groups: dict[tuple, list[int]] = {}
+    for j, d in enumerate(datas):
+        groups.setdefault((id(d.val), len(d.eval_idx), tuple(tasks[j])), []).append(j)
+    x0 = datas[0].x
+    widest = 2 * int(runs.base.encoder.output_channels[0])  # channels at full resolution (decoder)
+    per_run = EVAL_BATCH * x0.shape[-1] * x0.shape[-2] * widest
+    chunk = max(1, EVAL_ELEMENTS // per_run)
+    for js in groups.values():
+        for c in range(0, len(js), chunk):
+            part = js[c : c + chunk]
+            idx = torch.tensor([which[j] for j in part], device=x0.device)
+            params = {n: t.index_select(0, idx) for n, t in runs.params.items()}
+            inputs = [eval_inputs(datas[j]) for j in part]
+
+            def logits(xs: list[torch.Tensor], params: dict[str, torch.Tensor] = params) -> torch.Tensor:
+                x = torch.stack(xs)  # [M', N, C, H, W] -> logits [M', N, K, H, W]
+                with torch.autocast(x.device.type, dtype=amp or torch.float32, enabled=amp is not None):
+                    return torch.cat(
+                        [
+                            runs.forward(x[:, i : i + EVAL_BATCH], params)
+                            for i in range(0, x.shape[1], EVAL_BATCH)
+                        ],
+                        1,
+                    )
+
+            train_logits = logits([i[0] for i in inputs])
+            val_logits = logits([i[2] for i in inputs]) if inputs[0][2] is not None else None
+            for k, j in enumerate(part):
+                _, ty, _, vy = inputs[k]
+                out[j] = checkpoint_scores(
+                    train_logits[k], ty, None if val_logits is None else val_logits[k], vy, tasks[j], loss_fn
+                )
+    return out  # type: ignore[return-value]
+
+
 def train_batched(
     plans: list[RunPlan],
     datas: list[RunData],
@@ -190,9 +269,12 @@ def train_batched(
     sink: Sink,
     skips: Iterable[Iterable[int]] | None = None,
     on_step: Callable[[int], None] | None = None,
+    phases: Phases | None = None,
+    forward: str = "grouped",
 ) -> None:
     """Train `plans` (one group_key, no dropout) together; hand each run's planned checkpoints not in
-    its `skips` entry to `sink`, in step order. on_step(n) is called with the runs advanced per step."""
+    its `skips` entry to `sink`, in step order. on_step(n) is called with the runs advanced per step;
+    `phases` times the parts; `forward`: grouped | vmap (FORWARDS)."""
     if not plans:
         return
     keys = {group_key(p, d.x.shape[1]) for p, d in zip(plans, datas, strict=True)}
@@ -202,25 +284,41 @@ def train_batched(
             "train them sequentially",
         )
     skips = [set(s) for s in skips] if skips is not None else [set() for _ in plans]
-    saves = [sorted(set(p.steps) - s) for p, s in zip(plans, skips, strict=True)]
-    last = max((s[-1] for s in saves if s), default=-1)
-    if last < 0:
+    due: dict[int, list[int]] = {}  # step -> runs that save then
+    for m, (p, s) in enumerate(zip(plans, skips, strict=True)):
+        for step in sorted(set(p.steps) - s):
+            due.setdefault(step, []).append(m)
+    if not due:
         return
+    last = max(due)
+    phase = phase_timer(phases)
     cfg = plans[0].config
     spec = plans[0].spec(datas[0].x.shape[1])
     t0 = time.perf_counter()
     amp = autocast_dtype(cfg, device)
     loss_fn = DiceBCELoss()
     with determinism(device, cfg.deterministic):
-        runs = StackedRuns.make(spec, [p.config for p in plans], device)
+        runs = StackedRuns.make(spec, [p.config for p in plans], device, forward)
 
-        def save_now(m: int, step: int) -> None:
-            ev = evaluate_checkpoint(runs.run_forward(m), datas[m], list(plans[m].tasks), loss_fn, amp)
-            sink(pending(plans[m], step, runs.run_state(m), ev, time.perf_counter() - t0, "batched"))
+        def save_now(step: int) -> None:
+            which = due.get(step, [])
+            if not which:
+                return
+            with phase("evaluate"):
+                evs = evaluate_stacked(
+                    runs,
+                    which,
+                    [datas[m] for m in which],
+                    [list(plans[m].tasks) for m in which],
+                    loss_fn,
+                    amp,
+                )
+            with phase("commit"):
+                for m, ev in zip(which, evs, strict=True):
+                    state = {n: t[m] for n, t in runs.params.items()}
+                    sink(pending(plans[m], step, state, ev, time.perf_counter() - t0, "batched"))
 
-        for m, s in enumerate(saves):
-            if s and s[0] == 0:
-                save_now(m, 0)
+        save_now(0)
         for step in range(last):
             lr = torch.tensor(
                 [poly_lr(p.config.learning_rate, step, cfg.steps) for p in plans],
@@ -229,19 +327,19 @@ def train_batched(
             )
             # every run draws from its own generators; the augmentation is applied to all runs at once
             # (one set of kernels instead of one per run: per-sample results are the same)
-            raw = [draw_batch(p, d, step) for p, d in zip(plans, datas, strict=True)]
-            x, y = apply_augmentation(
-                torch.cat([r[0] for r in raw]),
-                torch.cat([r[1] for r in raw]),
-                AugmentDraws.cat([r[2] for r in raw]),
-            )
-            x, y = x.unflatten(0, (len(plans), -1)), y.unflatten(0, (len(plans), -1))
-            runs.step(x, y, lr, loss_fn, amp)
+            with phase("draw"):
+                raw = [draw_batch(p, d, step) for p, d in zip(plans, datas, strict=True)]
+            with phase("augment"):
+                x, y = apply_augmentation(
+                    torch.cat([r[0] for r in raw]),
+                    torch.cat([r[1] for r in raw]),
+                    AugmentDraws.cat([r[2] for r in raw]),
+                )
+                x, y = x.unflatten(0, (len(plans), -1)), y.unflatten(0, (len(plans), -1))
+            runs.step(x, y, lr, loss_fn, amp, phases)
             if on_step is not None:
                 on_step(len(plans))
-            for m, s in enumerate(saves):
-                if step + 1 in s:
-                    save_now(m, step + 1)
+            save_now(step + 1)
 
 
 def _time_steps(fn: Callable[[], None], device: torch.device, repeats: int) -> float:

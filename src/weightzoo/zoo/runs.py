@@ -4,7 +4,7 @@ The recipe is weightzoo.train's (nnU-Net 2-D): the same `sample_indices`, `augme
 `step_generator` streams, `poly_lr`, `make_optimizer` and `train_step`, in the same order as
 `train_on_slices`, so a zoo run trained alone ends with the same weights as `weightzoo train` with
 that config (tested). The batched trainer (weightzoo.zoo.batched) draws its batches with the same
-`make_batch` and evaluates with the same `evaluate_checkpoint`.
+`draw_batch` and scores checkpoints with the same `checkpoint_scores`.
 
 At every saved step a checkpoint records: train_loss (Dice + BCE on a fixed subset of up to 64
 training slices, no augmentation), val_loss (all tasks) and, per task, val_dice and val_loss on the
@@ -13,7 +13,10 @@ dataset's VALIDATION subjects of the run's sites. The test split is never loaded
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+import contextlib
+import time
+from collections import defaultdict
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -46,6 +49,33 @@ from weightzoo.zoo.store import PendingCheckpoint
 TRAIN_EVAL_SLICES = 64  # slices of the fixed training subset the train loss is measured on
 EVAL_BATCH = 64
 Sink = Callable[[PendingCheckpoint], None]
+
+
+class Phases:
+    """Seconds spent per phase of a build: `with phases("draw"): ...` (benchmarks/zoo_build_profile.py).
+    On CUDA each phase ends with a synchronize, so its kernels are counted where they were launched."""
+
+    def __init__(self, device: torch.device | None = None):
+        self.seconds: dict[str, float] = defaultdict(float)
+        self.sync = device is not None and device.type == "cuda"
+
+    @contextlib.contextmanager
+    def __call__(self, name: str) -> Iterator[None]:
+        t = time.perf_counter()
+        yield
+        if self.sync:
+            torch.cuda.synchronize()
+        self.seconds[name] += time.perf_counter() - t
+
+
+@contextlib.contextmanager
+def _untimed(name: str) -> Iterator[None]:
+    yield
+
+
+def phase_timer(phases: Phases | None) -> Callable[[str], contextlib.AbstractContextManager[None]]:
+    """`phases`, or a context manager that times nothing."""
+    return phases if phases is not None else _untimed
 
 
 @dataclass
@@ -164,14 +194,58 @@ def draw_batch(plan: RunPlan, data: RunData, step: int) -> tuple[torch.Tensor, t
     )
 
 
-def make_batch(plan: RunPlan, data: RunData, step: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The run's augmented batch at `step`: x [B, C, H, W], y [B, K, H, W] — as train_on_slices draws it."""
-    cfg = plan.config
-    x, y, draws = draw_batch(plan, data, step)
-    xb, yb = apply_augmentation(x, y, draws)
-    if cfg.channels_last:
-        xb = xb.contiguous(memory_format=torch.channels_last)
-    return xb, yb
+def _loss_and_counts(
+    logits: torch.Tensor, y: torch.Tensor, loss_fn: DiceBCELoss
+) -> tuple[float, list[float], torch.Tensor, int]:
+    """Over chunks of EVAL_BATCH slices (logits, y [N, K, H, W]): the slice-weighted sum of the chunk
+    losses, of each task's chunk losses, the summed Dice counts [K, 3] and N."""
+    k_tasks = logits.shape[1]
+    total, per_task, counts = 0.0, [0.0] * k_tasks, torch.zeros(k_tasks, 3, dtype=torch.float64)
+    for i in range(0, len(logits), EVAL_BATCH):
+        lg, yy = logits[i : i + EVAL_BATCH].float(), y[i : i + EVAL_BATCH]
+        total += float(loss_fn(lg, yy)) * len(lg)
+        for k in range(k_tasks):
+            per_task[k] += float(loss_fn(lg[:, k : k + 1], yy[:, k : k + 1])) * len(lg)
+        counts += dice_counts(lg, yy)
+    return total, per_task, counts, len(logits)
+
+
+def checkpoint_scores(
+    train_logits: torch.Tensor,
+    train_y: torch.Tensor,
+    val_logits: torch.Tensor | None,
+    val_y: torch.Tensor | None,
+    tasks: list[str],
+    loss_fn: DiceBCELoss,
+) -> dict[str, Any]:
+    """train_loss, val_loss and per-task {val_dice, val_loss} from a checkpoint's logits on the run's
+    fixed training subset and its validation slices ([N, K, H, W] each).
+
+    Losses are means over slices of per-chunk losses (chunks of EVAL_BATCH, as evaluate_slices);
+    Dice from tp/fp/fn summed over all validation slices (nnU-Net's pseudo Dice), NaN where a task has
+    no foreground and none predicted."""
+    total, _, _, n = _loss_and_counts(train_logits, train_y, loss_fn)
+    out: dict[str, Any] = {"train_loss": total / n, "val_loss": None, "metrics": {t: {} for t in tasks}}
+    if val_logits is not None and val_y is not None and len(val_logits):
+        total, per_task, counts, n = _loss_and_counts(val_logits, val_y, loss_fn)
+        out["val_loss"] = total / n
+        for t, d, lv in zip(tasks, dice_from_counts(counts), per_task, strict=True):
+            out["metrics"][t] = {"val_dice": d, "val_loss": lv / n}
+    return out
+
+
+def eval_inputs(data: RunData) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """(x, y) of the run's fixed training subset and (x, y) of its validation slices (None if none)."""
+    device = data.x.device
+    idx = torch.from_numpy(data.eval_idx).to(device)
+    if data.val is None or not len(data.val):
+        return data.x[idx], data.y[idx], None, None
+    return (
+        data.x[idx],
+        data.y[idx],
+        torch.as_tensor(data.val.images).to(device),
+        torch.as_tensor(data.val.labels).to(device),
+    )
 
 
 @torch.no_grad()
@@ -182,43 +256,15 @@ def evaluate_checkpoint(
     loss_fn: DiceBCELoss,
     amp_dtype: torch.dtype | None = None,
 ) -> dict[str, Any]:
-    """train_loss, val_loss and per-task {val_dice, val_loss} of the weights `forward` computes with.
-
-    Losses are means over slices of per-batch losses (as evaluate_slices); Dice from tp/fp/fn summed
-    over all validation slices (nnU-Net's pseudo Dice), NaN where a task has no foreground and none predicted.
-    """
+    """`checkpoint_scores` of the weights `forward` computes with (x [N, C, H, W] -> logits)."""
     device = data.x.device
 
-    def run(
-        images: np.ndarray | torch.Tensor, labels: np.ndarray | torch.Tensor
-    ) -> tuple[float, list[float], torch.Tensor]:
-        total, per_task, n, counts = (
-            0.0,
-            [0.0] * len(tasks),
-            0,
-            torch.zeros(len(tasks), 3, dtype=torch.float64),
-        )
-        for i in range(0, len(images), EVAL_BATCH):
-            x = torch.as_tensor(images[i : i + EVAL_BATCH]).to(device)
-            y = torch.as_tensor(labels[i : i + EVAL_BATCH]).to(device)
-            with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
-                logits = forward(x)
-            total += float(loss_fn(logits, y)) * len(x)
-            for k in range(len(tasks)):
-                per_task[k] += float(loss_fn(logits[:, k : k + 1], y[:, k : k + 1])) * len(x)
-            counts += dice_counts(logits, y)
-            n += len(x)
-        return total / n, [v / n for v in per_task], counts
+    def logits(x: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+            return torch.cat([forward(x[i : i + EVAL_BATCH]) for i in range(0, len(x), EVAL_BATCH)])
 
-    idx = torch.from_numpy(data.eval_idx).to(device)
-    train_loss, _, _ = run(data.x[idx], data.y[idx])
-    out: dict[str, Any] = {"train_loss": train_loss, "val_loss": None, "metrics": {t: {} for t in tasks}}
-    if data.val is not None and len(data.val):
-        val_loss, per_task, counts = run(data.val.images, data.val.labels)
-        out["val_loss"] = val_loss
-        for t, d, lv in zip(tasks, dice_from_counts(counts), per_task, strict=True):
-            out["metrics"][t] = {"val_dice": d, "val_loss": lv}
-    return out
+    tx, ty, vx, vy = eval_inputs(data)
+    return checkpoint_scores(logits(tx), ty, None if vx is None else logits(vx), vy, tasks, loss_fn)
 
 
 def pending(
@@ -245,11 +291,11 @@ def train_sequential(
     sink: Sink,
     skip: Iterable[int] = (),
     on_step: Callable[[int], None] | None = None,
+    phases: Phases | None = None,
 ) -> None:
     """Train one run alone (torch.optim, nn.Module) and hand every planned checkpoint not in `skip`
-    to `sink`. Stops as soon as the last checkpoint still to save is saved."""
-    import time
-
+    to `sink`. Stops as soon as the last checkpoint still to save is saved. `phases` times the parts."""
+    phase = phase_timer(phases)
     cfg = plan.config
     save = sorted(set(plan.steps) - {int(s) for s in skip})
     if not save:
@@ -267,10 +313,12 @@ def train_sequential(
         amp = autocast_dtype(cfg, device)
 
         def save_now(step: int) -> None:
-            net.eval()
-            ev = evaluate_checkpoint(net, data, list(plan.tasks), loss_fn, amp)
-            net.train()
-            sink(pending(plan, step, real_state_dict(net), ev, time.perf_counter() - t0, "sequential"))
+            with phase("evaluate"):
+                net.eval()
+                ev = evaluate_checkpoint(net, data, list(plan.tasks), loss_fn, amp)
+                net.train()
+            with phase("commit"):
+                sink(pending(plan, step, real_state_dict(net), ev, time.perf_counter() - t0, "sequential"))
 
         if save[0] == 0:
             save_now(0)
@@ -278,9 +326,15 @@ def train_sequential(
             lr = poly_lr(cfg.learning_rate, step, cfg.steps)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            xb, yb = make_batch(plan, data, step)
+            with phase("draw"):
+                x, y, draws = draw_batch(plan, data, step)
+            with phase("augment"):
+                xb, yb = apply_augmentation(x, y, draws)
+                if cfg.channels_last:
+                    xb = xb.contiguous(memory_format=torch.channels_last)
             torch.manual_seed(step_seed(cfg.seed, step, STREAM_TORCH))  # dropout, as train_on_slices
-            train_step(net, optimizer, loss_fn, xb, yb, amp, cfg.grad_clip)
+            with phase("forward, backward, update"):
+                train_step(net, optimizer, loss_fn, xb, yb, amp, cfg.grad_clip)
             if on_step is not None:
                 on_step(1)
             if step + 1 in save:
