@@ -5,6 +5,8 @@
 #   bash benchmarks/gpu_session.sh start    # set up, launch the generation benchmark in the background
 #   bash benchmarks/gpu_session.sh poll 580 # wait up to 580 s for it; copy logs/tables to $OUT
 #   bash benchmarks/gpu_session.sh speed    # zoo build (issue 3) and in-context (issue 6) speed tables
+#   bash benchmarks/gpu_session.sh scaling  # issue 11 (<= 10 min): the largest micro zoo that fits,
+#                                           # its generators, then the throughput table on the GPU
 # Python deps missing from the machine's image travel as wheels in .whl/ (see the device README).
 set -u
 W=${WORK:-/tmp/wz_gpu}
@@ -37,10 +39,19 @@ case "${1:-}" in
     [ -f "$W/DONE" ] && echo "DONE rc=$(cat "$W/DONE")" || echo "still running"
     ;;
   speed)
-    timeout 240 python3 benchmarks/zoo_build.py --device cuda --steps 50 --runs 1 8 32 64 --presets tiny small \
+    timeout 240 python3 benchmarks/zoo_build.py --device cuda --steps 50 --runs 1 8 32 64 --presets tiny small --size 64 --batch-size 8 \
       2>&1 | tee "$OUT/zoo_build_cuda.txt"
     timeout 150 python3 benchmarks/incontext_speed.py --device cuda --no-goal --out "$OUT/incontext_speed_cuda.json" \
       2>&1 | tee "$OUT/incontext_speed_cuda.txt"
     ;;
-  *) echo "usage: $0 start|poll [SECONDS]|speed"; exit 2 ;;
+  scaling)
+    nvidia-smi -L
+    timeout 340 python3 benchmarks/generate_scaling.py --work "$W/scaling" --device cuda \
+      --sizes 1000 3000 10000 30000 --parallel 1024 --figure "$OUT/generate_scaling_cuda.png" \
+      2>&1 | tail -n 30 | tee "$OUT/generate_scaling_cuda.txt"
+    cp "$W"/scaling/size-*.json "$OUT/" 2>/dev/null
+    timeout 200 python3 benchmarks/zoo_build.py --device cuda --steps 50 --runs 1 64 128 \
+      2>&1 | tee "$OUT/zoo_build_micro_cuda.txt"
+    ;;
+  *) echo "usage: $0 start|poll [SECONDS]|speed|scaling"; exit 2 ;;
 esac

@@ -1,16 +1,18 @@
-"""Zoo build throughput: model-steps/s and checkpoints/minute, batched vs sequential, M runs at once.
+"""Zoo build throughput: model-steps/s, checkpoints/minute and runs/hour, batched vs sequential.
 
-For each preset (tiny, small; 64 px phantoms) and M in 1, 8, 32, 128, the same M runs (seeds 0..M-1,
-SGD, augmentation 1, batch 8, the same steps and checkpoints) are built twice into fresh zoos: once
-trained one after the other (`sequential`, torch.optim + nn.Module, as `weightzoo train`) and once
-together (`batched`, vmapped stacked parameters). Timed: training, evaluation at every saved
-checkpoint and the atomic commits — a zoo build minus loading the slices (done once). Reported:
-model-steps/s = M·steps / seconds, checkpoints/minute, and the batched/sequential ratio measured in
-the same run (in ABBA order, `--repeats` rounds, medians: the machine's load may drift).
+For each preset and M (default: micro, 32 px, batch 4, M in 1, 64, 128), the same M runs (seeds 0..M-1,
+SGD, augmentation 1, the same steps and checkpoints) are built twice into fresh zoos: once trained one
+after the other (`sequential`, torch.optim + nn.Module, as `weightzoo train`) and once together
+(`batched`: stacked parameters, one grouped-convolution network, weightzoo.zoo.grouped). Timed:
+training, evaluation at every saved checkpoint and the atomic commits — a zoo build minus loading the
+slices (done once). Reported: model-steps/s = M·steps / seconds, checkpoints/minute, runs/hour, the
+hours a 10,000-run zoo of these runs would take, and the batched/sequential ratio measured in the same
+run (ABBA order, `--repeats` rounds, medians: the machine's load may drift).
 
-    python benchmarks/zoo_build.py                 # CPU (and CUDA when visible)
-    python benchmarks/zoo_build.py --quick         # tiny preset, M = 1 and 8
-    python benchmarks/zoo_build.py --device cuda --steps 50
+    python benchmarks/zoo_build.py                          # the issue-11 table: micro, 32 px
+    python benchmarks/zoo_build.py --presets tiny small --size 64 --batch-size 8 --runs 1 8 32
+    python benchmarks/zoo_build.py --quick                  # micro, M = 1 and 8, 10 steps
+    python benchmarks/zoo_build.py --device cuda --runs 1 64 256 1024
 """
 
 from __future__ import annotations
@@ -45,7 +47,17 @@ def device_line(device: torch.device) -> str:
 
 
 def bench(
-    ds, data, preset: str, m: int, mode: str, steps: int, checkpoints: int, device: torch.device, root: Path
+    ds,
+    data,
+    preset: str,
+    m: int,
+    mode: str,
+    steps: int,
+    checkpoints: int,
+    device: torch.device,
+    root: Path,
+    batch_size: int = 8,
+    size: int = 64,
 ) -> float:
     """Seconds to build M runs in `mode` (training + evaluation + commits)."""
     grid = {
@@ -54,9 +66,10 @@ def bench(
         "seeds": m,
         "preset": preset,
         "steps": steps,
-        "batch_size": 8,
+        "batch_size": batch_size,
         "checkpoints": checkpoints,
         "optimizer": "sgd",
+        "size": [size, size],
     }
     plans = Grid(grid).expand(ds)
     c = plans[0].config
@@ -80,12 +93,14 @@ def bench(
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--quick", action="store_true", help="tiny preset, M = 1 and 8")
+    ap.add_argument("--quick", action="store_true", help="M = 1 and 8, 10 steps")
     ap.add_argument("--device", choices=["all", "cpu", "cuda"], default="all")
-    ap.add_argument("--steps", type=int, default=10, help="training steps per run")
+    ap.add_argument("--steps", type=int, default=100, help="training steps per run")
     ap.add_argument("--checkpoints", type=int, default=2, help="random checkpoints per run (+ init + final)")
-    ap.add_argument("--runs", type=int, nargs="*", default=None, help="values of M (default 1 8 32 128)")
-    ap.add_argument("--presets", nargs="*", default=None, help="default: tiny small")
+    ap.add_argument("--runs", type=int, nargs="*", default=None, help="values of M (default 1 64 128)")
+    ap.add_argument("--presets", nargs="*", default=None, help="default: micro")
+    ap.add_argument("--size", type=int, default=32, help="slice size (px)")
+    ap.add_argument("--batch-size", type=int, default=4)
     ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     ap.add_argument("--repeats", type=int, default=1, help="ABBA rounds per row (medians reported)")
     args = ap.parse_args()
@@ -96,30 +111,51 @@ def main() -> None:
         devices.append(torch.device("cuda"))
     if not devices:
         raise SystemExit("no CUDA device visible; use --device cpu")
-    ms = args.runs or ([1, 8] if args.quick else [1, 8, 32, 128])
-    presets = args.presets or (["tiny"] if args.quick else ["tiny", "small"])
+    ms = args.runs or ([1, 8] if args.quick else [1, 64, 128])
+    steps = 10 if args.quick else args.steps
+    presets = args.presets or ["micro"]
     n_ck = args.checkpoints + 2
     print(
-        f"date: {datetime.date.today().isoformat()} · torch {torch.__version__} · {args.steps} steps, {n_ck} checkpoints per run, batch 8, 64 px"
+        f"date: {datetime.date.today().isoformat()} · torch {torch.__version__} · {steps} steps, "
+        f"{n_ck} checkpoints per run, batch {args.batch_size}, {args.size} px"
     )
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
-        ds = make_phantom_dataset(root / "data", sites=1, subjects_per_site=10, size=64, n_slices=8, seed=0)
+        ds = make_phantom_dataset(
+            root / "data", sites=1, subjects_per_site=10, size=args.size, n_slices=8, seed=0
+        )
         for device in devices:
             print(f"device: {device_line(device)}")
             data = load_zoo_data(
                 ds,
                 Grid({"tasks": ["cord"], "sites": ["A"], "preset": "tiny"}).expand(ds),
-                Preprocessing(channels=1),
+                Preprocessing(size=(args.size, args.size), channels=1),
             )
             print()
             print(
-                "| device | preset | params | M runs | sequential steps/s | batched steps/s | sequential ckpt/min | batched ckpt/min | batched / sequential |"
+                "| device | preset | params | M runs | sequential model-steps/s | batched model-steps/s "
+                "| sequential ckpt/min | batched ckpt/min | batched runs/hour | 10,000 runs (h) "
+                "| batched / sequential |"
             )
-            print("|---|---|---|---|---|---|---|---|---|")
+            print("|---|---|---|---|---|---|---|---|---|---|---|")
             for preset in presets:
                 n_params = count_parameters(build_network(ArchSpec.preset(preset)))
-                bench(ds, data, preset, 2, "batched", 2, 0, device, root / "warmup")  # imports, kernels
+
+                def one(
+                    m: int,
+                    mode: str,
+                    where: Path,
+                    n_steps: int = steps,
+                    n_ck: int = args.checkpoints,
+                    data=data,
+                    preset: str = preset,
+                    device: torch.device = device,
+                ) -> float:
+                    return bench(
+                        ds, data, preset, m, mode, n_steps, n_ck, device, where, args.batch_size, args.size
+                    )
+
+                one(2, "batched", root / "warmup", 2, 0)  # imports, kernels
                 for m in ms:
                     # ABBA order, medians: cancels a machine load that drifts during the measurement
                     order = (
@@ -129,20 +165,19 @@ def main() -> None:
                     )
                     times: dict[str, list[float]] = {"sequential": [], "batched": []}
                     for i, mode in enumerate(order):
-                        times[mode].append(
-                            bench(
-                                ds, data, preset, m, mode, args.steps, args.checkpoints, device, root / str(i)
-                            )
-                        )
+                        times[mode].append(one(m, mode, root / f"{preset}-{m}-{i}"))
                     t_seq = statistics.median(times["sequential"])
                     t_bat = statistics.median(times["batched"]) if m > 1 else t_seq
-                    sps = [m * args.steps / t for t in (t_seq, t_bat)]
+                    sps = [m * steps / t for t in (t_seq, t_bat)]
                     cpm = [60 * m * n_ck / t for t in (t_seq, t_bat)]
+                    runs_h = 3600 * m / t_bat
                     print(
-                        f"| {device.type} | {preset} | {n_params / 1e3:.0f} k | {m} | {sps[0]:.1f} | "
+                        f"| {device.type} | {preset} | {n_params / 1e3:.1f} k | {m} | {sps[0]:.1f} | "
                         + (f"{sps[1]:.1f}" if m > 1 else "—")
                         + f" | {cpm[0]:.0f} | "
-                        + (f"{cpm[1]:.0f} | {t_seq / t_bat:.2f}× |" if m > 1 else "— | — |"),
+                        + (f"{cpm[1]:.0f}" if m > 1 else "—")
+                        + f" | {runs_h:,.0f} | {10_000 / runs_h:.1f} | "
+                        + (f"{t_seq / t_bat:.2f}× |" if m > 1 else "— |"),
                         flush=True,
                     )
 

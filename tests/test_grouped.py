@@ -13,6 +13,7 @@ from weightzoo.errors import InputError
 from weightzoo.nets.unet import ArchSpec, build_network, count_parameters
 from weightzoo.train.config import TrainConfig
 from weightzoo.train.losses import DiceBCELoss
+from weightzoo.zoo.base import is_trainable
 from weightzoo.zoo.batched import StackedRuns, evaluate_stacked, train_batched
 from weightzoo.zoo.grid import Grid
 from weightzoo.zoo.grouped import grouped_forward
@@ -119,3 +120,36 @@ def test_micro_batched_equals_sequential(tiny_phantom_dataset) -> None:
         assert abs(a.val_loss - b.val_loss) < 1e-4 and abs(a.train_loss - b.train_loss) < 1e-4
         assert max((a.state[k] - b.state[k]).abs().max().item() for k in a.state) < 1e-4
     assert set(phases.seconds) == {"draw", "augment", "forward, backward", "update", "evaluate", "commit"}
+
+
+@pytest.mark.parametrize("subset", ["all", "norm_seg"])
+def test_finetunes_batched_equal_sequential(tiny_phantom_dataset, phantom_base, subset: str) -> None:
+    """Fine-tunes of one base (the delta zoos) use the same batched builder: 4 runs (2 sites x 2 seeds,
+    SGD) from the base train together; every checkpoint within 1e-4 of training alone, and tensors
+    outside the trainable subset stay exactly the base's."""
+    grid = {
+        "tasks": ["cord"],
+        "sites": "each",
+        "seeds": 2,
+        "trainable": subset,
+        "steps": 8,
+        "batch_size": 4,
+        "checkpoints": 1,
+        "from": str(phantom_base),  # 32 px, as the base
+    }
+    plans = Grid(grid).expand(tiny_phantom_dataset)
+    data = load_zoo_data(tiny_phantom_dataset, plans, Preprocessing("zscore", (32, 32), 2, 1))
+    datas = [data.run_data(p, torch.device("cpu")) for p in plans]
+    alone: dict = {}
+    for p, d in zip(plans, datas, strict=True):
+        train_sequential(p, d, torch.device("cpu"), lambda c: alone.__setitem__((c.run_id, c.step), c))
+    together: dict = {}
+    train_batched(plans, datas, torch.device("cpu"), lambda c: together.__setitem__((c.run_id, c.step), c))
+    assert alone.keys() == together.keys() and len(alone) == 4 * 3
+    for (rid, step), a in alone.items():
+        b = together[(rid, step)]
+        assert max((a.state[k] - b.state[k]).abs().max().item() for k in a.state) < 1e-4
+        first = together[(rid, 0)].state
+        moved = {k for k in b.state if not torch.equal(b.state[k], first[k])}
+        if step:
+            assert moved and all(is_trainable(k, subset) for k in moved), sorted(moved)[:3]

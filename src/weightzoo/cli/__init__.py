@@ -88,16 +88,42 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except SystemExit as e:
         return int(e.code or 0)
-    except Exception as e:  # click usage errors carry their own exit codes
-        import click
-
-        if isinstance(e, click.exceptions.ClickException):
-            e.show()
-            return e.exit_code
-        if isinstance(e, click.exceptions.Abort):
+    except Exception as e:
+        usage, abort = _click_exceptions()
+        if type(e).__name__ == "NoArgsIsHelpError":  # a group without a subcommand: its help
+            e.show()  # type: ignore[attr-defined]
+            return 2
+        if isinstance(e, usage) and not debug:  # an unknown option, a missing or mistyped value, ...
+            ctx = getattr(e, "ctx", None)
+            where = ctx.command_path if ctx is not None else "weightzoo"
+            message = " ".join(e.format_message().split())
+            err_console.print(
+                f"[bold red]error:[/] {escape(message)} — see `{escape(where)} --help`",
+                highlight=False,
+                soft_wrap=True,
+            )
+            return 2
+        if isinstance(e, abort):
             return 1
         raise
     return 0
+
+
+def _click_exceptions() -> tuple[tuple[type, ...], tuple[type, ...]]:
+    """(ClickException, Abort) classes of click AND of the click that typer vendors (typer._click):
+    typer raises its own, which `click.exceptions.ClickException` does not match."""
+    import importlib
+
+    usage, abort = [], []
+    for name in ("click.exceptions", "typer._click.exceptions"):
+        try:
+            mod = importlib.import_module(name)
+        except ImportError:
+            continue
+        usage.append(mod.ClickException)
+        if hasattr(mod, "Abort"):
+            abort.append(mod.Abort)
+    return tuple(usage), tuple(abort)
 
 
 def run() -> None:

@@ -6,7 +6,7 @@
     state = zoo.load(best[0].ckpt_id)           # {name: float32 tensor}, the network's real_state_dict
 
 Modules: `store` (the Zoo: SQLite manifest + safetensors files), `grid` (what to train), `build`
-(train and commit, resumable), `batched` (many runs of one architecture in one vmapped step),
+(train and commit, resumable), `batched` + `grouped` (many runs of one architecture as one grouped-convolution network),
 `executors` (Ray), `params` (parameter layout, permutation symmetry), `nnunet` (ingest/export),
 `base` (base networks, deltas), `soup` (model soups of fine-tunes of one base).
 Only the store is imported here, so `import weightzoo.zoo` stays light.

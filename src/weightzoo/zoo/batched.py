@@ -40,7 +40,8 @@ from weightzoo.train.augment import AugmentDraws, apply_augmentation
 from weightzoo.train.config import TrainConfig
 from weightzoo.train.loop import autocast_dtype, determinism, poly_lr
 from weightzoo.train.losses import DiceBCELoss
-from weightzoo.zoo.grid import RunPlan
+from weightzoo.zoo.base import start_network
+from weightzoo.zoo.grid import RunPlan, cached_base
 from weightzoo.zoo.grouped import grouped_forward
 from weightzoo.zoo.runs import (
     EVAL_BATCH,
@@ -73,12 +74,14 @@ def group_key(plan: RunPlan, input_channels: int) -> tuple:
         tuple(c.size),
         c.channels_last,
         c.amp,
+        plan.base,
+        c.trainable,
     )
 
 
 def batchable(plan: RunPlan) -> bool:
-    """Dropout runs and fine-tunes of a base (frozen subsets) train sequentially."""
-    return plan.config.dropout == 0.0 and plan.base is None
+    """Dropout runs train sequentially (their masks come from the global RNG, per run)."""
+    return plan.config.dropout == 0.0
 
 
 @dataclass
@@ -94,15 +97,25 @@ class StackedRuns:
     state: dict[str, dict[str, torch.Tensor]]
     n_updates: int = 0
     impl: str = "grouped"  # grouped | vmap (FORWARDS)
+    trainable: frozenset[str] = frozenset()  # parameters that train (fine-tunes freeze the others)
 
     @classmethod
     def make(
-        cls, spec: ArchSpec, configs: list[TrainConfig], device: torch.device, impl: str = "grouped"
+        cls,
+        spec: ArchSpec,
+        configs: list[TrainConfig],
+        device: torch.device,
+        impl: str = "grouped",
+        starts: list[torch.nn.Module] | None = None,
     ) -> StackedRuns:
-        """Run m starts from build_network(spec, seed=configs[m].seed), as it would alone."""
+        """Run m starts from starts[m] (its parameters with requires_grad False stay frozen), default
+        build_network(spec, seed=configs[m].seed): as it would alone."""
         if impl not in FORWARDS:
             raise InputError(f"unknown batched forward '{impl}'", f"use one of {', '.join(FORWARDS)}")
-        nets = [build_network(spec, seed=c.seed) for c in configs]
+        nets = starts if starts is not None else [build_network(spec, seed=c.seed) for c in configs]
+        frozen = [{n for n, p in net.named_parameters() if not p.requires_grad} for net in nets]
+        if any(f != frozen[0] for f in frozen):
+            raise InputError("a batch mixes trainable subsets", "group runs by their `trainable` key")
         if any(True for _ in nets[0].buffers()):
             raise InputError(
                 "batched training needs a network without buffers", "train these runs sequentially"
@@ -128,6 +141,7 @@ class StackedRuns:
             clip=vec([c.grad_clip for c in configs]),
             state={n: {} for n in names},
             impl=impl,
+            trainable=frozenset(n for n in names if n not in frozen[0]),
         )
 
     @property
@@ -169,7 +183,7 @@ class StackedRuns:
     def _gradients(
         self, x: torch.Tensor, y: torch.Tensor, loss_fn: DiceBCELoss, amp: torch.dtype | None
     ) -> dict[str, torch.Tensor | None]:
-        leaves = {n: t.requires_grad_(True) for n, t in self.params.items()}
+        leaves = {n: t.requires_grad_(True) for n, t in self.params.items() if n in self.trainable}
         with torch.autocast(x.device.type, dtype=amp or torch.float32, enabled=amp is not None):
             logits = self.forward(x)
         m, b, k = logits.shape[:3]
@@ -298,7 +312,9 @@ def train_batched(
     amp = autocast_dtype(cfg, device)
     loss_fn = DiceBCELoss()
     with determinism(device, cfg.deterministic):
-        runs = StackedRuns.make(spec, [p.config for p in plans], device, forward)
+        base = cached_base(plans[0].base_path) if plans[0].base_path else None
+        starts = [start_network(spec, p.config.seed, base, p.tasks, p.config.trainable) for p in plans]
+        runs = StackedRuns.make(spec, [p.config for p in plans], device, forward, starts)
 
         def save_now(step: int) -> None:
             which = due.get(step, [])
