@@ -64,3 +64,35 @@ def read_folder_description(
             folder / filename,
         )
     return meta
+
+
+def plain_name(name: object, what: str, source: str | Path | None = None) -> str:
+    """`name` (read from a file) if it is safe as ONE path component, else a one-line InputError.
+
+    Names from files (dataset, plans, trainer and configuration names, case ids, tasks, sites, run and
+    checkpoint ids) become folder and file names; a crafted `../../x` or `/etc/x` must never make us
+    write outside the output folder."""
+    s = str(name) if isinstance(name, (str, int)) else None
+    if (
+        s is None
+        or not s
+        or s in (".", "..")
+        or any(c in s for c in ("/", "\\", "\0"))
+        or s.startswith("~")
+        or len(s) > 200
+        or any(ord(c) < 32 for c in s)
+    ):
+        raise InputError(
+            f"{what} {name!r} is not a plain file name (no '/', '\\', '..', control characters; <= 200 chars)",
+            f"rename the {what} in the file",
+            source,
+        )
+    return s
+
+
+def inside(folder: str | Path, path: str | Path) -> Path:
+    """`path` resolved (symlinks followed) if it lies inside `folder`, else a one-line InputError."""
+    root, p = Path(folder).resolve(), Path(path).resolve()
+    if p != root and root not in p.parents:
+        raise InputError("would be written outside the output folder", f"keep outputs inside {root}", path)
+    return p

@@ -11,6 +11,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+from weightzoo.fileio import inside, plain_name
+
 
 def ingest_results(
     folder: str | Path, zoo_path: str | Path, split: str = "train", sites: list[str] | None = None
@@ -161,9 +163,15 @@ def export_checkpoint(
                 "patch_size": prep.get("size", [64, 64]),
                 "normalization": prep.get("normalization", "zscore"),
             }
-        folder = (
-            Path(out_dir) / name / f"{trainer}__{(plans or {}).get('plans_name', 'nnUNetPlans')}__{config}"
-        )
+        # every name here came from a file (the zoo's manifest, an ingested checkpoint): one path
+        # component each, and the folder must stay inside out_dir
+        parts = [
+            plain_name(name, "dataset name", zoo_path),
+            plain_name(trainer, "trainer name", zoo_path),
+            plain_name((plans or {}).get("plans_name", "nnUNetPlans"), "plans name", zoo_path),
+            plain_name(config, "configuration name", zoo_path),
+        ]
+        folder = inside(out_dir, Path(out_dir) / parts[0] / f"{parts[1]}__{parts[2]}__{parts[3]}")
         return write_nnunet_results(
             folder, spec, state, djson, plans, configuration=config, trainer_name=trainer, mirror_axes=mirror,
             info=info, overwrite=overwrite, **kwargs,

@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 from weightzoo.errors import InputError, ModelError
-from weightzoo.fileio import atomic_write_bytes, atomic_write_json, read_json
+from weightzoo.fileio import atomic_write_bytes, atomic_write_json, plain_name, read_json
 from weightzoo.nets.unet import (
     PLAIN_CONV_UNET,
     ArchSpec,
@@ -316,7 +316,21 @@ def read_checkpoint(path: str | Path, folder: str | Path | None = None) -> Inges
             "copy the whole trainer folder from nnUNet_results",
             folder,
         )
-    configuration = init.get("configuration") or folder.name.rsplit("__", 1)[-1]
+    configuration = plain_name(
+        init.get("configuration") or folder.name.rsplit("__", 1)[-1], "configuration name", p
+    )
+    fold = plain_name(init.get("fold", p.parent.name.removeprefix("fold_")), "fold", p)
+    trainer_name = plain_name(ckpt.get("trainer_name", folder.name.split("__")[0]), "trainer name", p)
+    plans_name = str(plans.get("plans_name", "")) if isinstance(plans, dict) else ""
+    if plans_name:
+        plain_name(plans_name, "plans name", p)
+    dataset_name = plain_name(
+        (plans.get("dataset_name") if isinstance(plans, dict) else None)
+        or djson.get("name", "")
+        or "Dataset999_unnamed",
+        "dataset name",
+        p,
+    )
     spec = spec_from_plans(plans, configuration, djson, p)
     weights = _strip_prefixes(ckpt["network_weights"])
     check_state_dict(spec, weights, str(p))
@@ -341,7 +355,6 @@ def read_checkpoint(path: str | Path, folder: str | Path | None = None) -> Inges
     }
     tasks, kind, task_labels = output_heads(djson)
     mirror = ckpt.get("inference_allowed_mirroring_axes")
-    fold = str(init.get("fold", p.parent.name.removeprefix("fold_")))
     return IngestedCheckpoint(
         path=p,
         fold=fold,
@@ -351,10 +364,10 @@ def read_checkpoint(path: str | Path, folder: str | Path | None = None) -> Inges
         epoch=epoch,
         metrics=metrics,
         history=history,
-        trainer_name=str(ckpt.get("trainer_name", folder.name.split("__")[0])),
+        trainer_name=trainer_name,
         configuration=configuration,
-        plans_name=str(plans.get("plans_name", "")),
-        dataset_name=str(plans.get("dataset_name", djson.get("name", ""))),
+        plans_name=plans_name,
+        dataset_name=dataset_name,
         tasks=tasks,
         output_kind=kind,
         task_labels=task_labels,

@@ -1,0 +1,106 @@
+"""Hardening (issue 16): names read from files never become paths outside the output folder, and
+bad inputs are one-line errors with exit code 2 that write nothing."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import pytest
+import torch
+
+from weightzoo.cli import main
+from weightzoo.errors import InputError
+from weightzoo.fileio import inside, plain_name
+from weightzoo.nets.unet import ArchSpec, build_network
+from weightzoo.zoo.nnunet import nnunet_plans, read_nnunet_results
+
+TRAVERSALS = ["../../../../tmp/evil/X", "/etc/X", "..", ".", "", "a\\b", "x\0y", "~root", "a\nb"]
+
+
+@pytest.mark.parametrize("name", TRAVERSALS)
+def test_plain_name_refuses_path_like_names(name: str) -> None:
+    with pytest.raises(InputError, match="not a plain file name"):
+        plain_name(name, "dataset name", "f.json")
+
+
+def test_plain_name_keeps_plain_ones() -> None:
+    for ok in ("Dataset501_Phantom", "nnUNetTrainer", "2d", "3d_fullres", "a.b-c_d", 0):
+        assert plain_name(ok, "x") == str(ok)
+
+
+def test_inside(tmp_path: Path) -> None:
+    assert inside(tmp_path, tmp_path / "a" / "b") == (tmp_path / "a" / "b").resolve()
+    with pytest.raises(InputError, match="outside"):
+        inside(tmp_path / "out", tmp_path / "out" / ".." / "x")
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "link").symlink_to(tmp_path)  # a symlink out of the folder is outside too
+    with pytest.raises(InputError, match="outside"):
+        inside(tmp_path / "out", tmp_path / "out" / "link" / "x")
+
+
+def _checkpoint(tmp_path: Path, **crafted: object) -> Path:
+    """An nnU-Net v2 trainer folder whose checkpoint carries the `crafted` names."""
+    spec = ArchSpec.preset("tiny", 1, 2)  # softmax: background + cord
+    net = build_network(spec, seed=0)
+    dj = {"channel_names": {"0": "T2"}, "labels": {"background": 0, "cord": 1}, "file_ending": ".nii.gz"}
+    plans = nnunet_plans(spec)
+    plans["dataset_name"] = crafted.get("dataset_name", "Dataset501_Phantom")
+    if "plans_name" in crafted:
+        plans["plans_name"] = crafted["plans_name"]
+    ckpt = {
+        "network_weights": dict(net.state_dict()),
+        "init_args": {
+            "plans": plans,
+            "configuration": crafted.get("configuration", "2d"),
+            "fold": crafted.get("fold", 0),
+            "dataset_json": dj,
+        },
+        "trainer_name": crafted.get("trainer_name", "nnUNetTrainer"),
+        "current_epoch": 0,
+        "logging": {},
+    }
+    path = tmp_path / "results" / "Dataset501_Phantom" / "nnUNetTrainer__nnUNetPlans__2d" / "fold_0"
+    path.mkdir(parents=True)
+    torch.save(copy.deepcopy(ckpt), path / "checkpoint_final.pth")
+    return path.parent
+
+
+@pytest.mark.parametrize("field", ["dataset_name", "trainer_name", "plans_name", "configuration", "fold"])
+def test_ingest_refuses_a_checkpoint_whose_names_are_paths(tmp_path: Path, field: str, capsys) -> None:
+    """The issue's attack: a name like ../../../../somewhere/X in a checkpoint is refused at ingest
+    (one line naming the file, exit 2), so it never reaches `zoo export`; nothing is written."""
+    folder = _checkpoint(tmp_path, **{field: "../../../../" + str(tmp_path / "evil" / "X")})
+    with pytest.raises(InputError, match="not a plain file name"):
+        read_nnunet_results(folder)
+    rc = main(["zoo", "ingest", str(folder), "--zoo", str(tmp_path / "zoo")])
+    err = capsys.readouterr().err
+    assert rc == 2 and "not a plain file name" in err and "checkpoint_final.pth" in err
+    assert len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "evil").exists()
+
+
+def test_export_refuses_names_that_leave_the_output_folder(tmp_path: Path, capsys) -> None:
+    """A zoo whose manifest was edited after ingest (names are re-checked on export)."""
+    folder = _checkpoint(tmp_path)
+    assert main(["zoo", "ingest", str(folder), "--zoo", str(tmp_path / "zoo")]) == 0
+    import json
+    import sqlite3
+
+    db = sqlite3.connect(tmp_path / "zoo" / "manifest.sqlite")
+    ((run_id, info),) = db.execute("SELECT run_id, info FROM runs").fetchall()
+    info = json.loads(info)
+    info["plans"]["dataset_name"] = "../../evil/X"
+    db.execute("UPDATE runs SET info = ? WHERE run_id = ?", (json.dumps(info), run_id))
+    db.commit()
+    db.close()
+    (ckpt,) = [
+        r[0]
+        for r in sqlite3.connect(tmp_path / "zoo" / "manifest.sqlite").execute(
+            "SELECT ckpt_id FROM checkpoints"
+        )
+    ]
+    rc = main(["zoo", "export", str(tmp_path / "zoo"), ckpt, str(tmp_path / "out" / "deep")])
+    err = capsys.readouterr().err
+    assert rc == 2 and "not a plain file name" in err, err
+    assert not (tmp_path / "out" / "evil").exists() and not (tmp_path / "evil").exists()
