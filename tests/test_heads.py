@@ -6,7 +6,9 @@ steps) with site A only; site B is then added few-shot, as a site unseen in back
 
 from __future__ import annotations
 
+import copy
 import hashlib
+import json
 import shutil
 import warnings
 from collections.abc import Iterator
@@ -185,6 +187,20 @@ def test_corrupt_or_mismatched_files_are_one_line_errors(with_b: Path, tmp_path:
     shutil.copy(with_b / "heads" / "A.safetensors", bad / "heads" / "B.safetensors")
     with pytest.raises(ModelError, match=r"head 'B' does not match heads\.json"):
         HeadedModel.load(bad)
+    shutil.copy(with_b / "heads" / "B.safetensors", bad / "heads" / "B.safetensors")
+    meta = json.loads((bad / HEADS_JSON).read_text())
+    for key in ("file", "backbone_file"):  # names from heads.json never leave the folder
+        edited = copy.deepcopy(meta)
+        if key == "file":
+            edited["heads"]["B"]["file"] = "../../outside.safetensors"
+        else:
+            edited["backbone_file"] = "/etc/passwd"
+        (bad / HEADS_JSON).write_text(json.dumps(edited))
+        with pytest.raises(InputError, match="outside the output folder"):
+            HeadedModel.load(bad)
+    m = HeadedModel.load(with_b)
+    with pytest.raises(InputError, match="cannot name a head"):  # a site name that is a path
+        m.set_head("../x", m.heads["B"])
     (bad / HEADS_JSON).write_text("{}")
     with pytest.raises(ModelError, match="not a weightzoo heads description"):
         HeadedModel.load(bad)

@@ -36,7 +36,13 @@ from torch import nn
 
 from weightzoo.data.slices import Preprocessing
 from weightzoo.errors import InputError, ModelError, UnknownNameError, WeightzooWarning
-from weightzoo.fileio import atomic_write_bytes, atomic_write_json, read_folder_description
+from weightzoo.fileio import (
+    atomic_write_bytes,
+    atomic_write_json,
+    inside,
+    plain_name,
+    read_folder_description,
+)
 from weightzoo.nets.unet import (
     ArchSpec,
     build_network,
@@ -261,7 +267,7 @@ class HeadedModel:
             _contig(self.heads[name]),
             {"head": name, "head_stages": str(self.head_stages), "backbone_hash": bb_hash},
         )
-        rel = f"{HEADS_DIR}/{name}.safetensors"
+        rel = f"{HEADS_DIR}/{plain_name(name, 'site name', folder)}.safetensors"
         atomic_write_bytes(folder / rel, blob)
         return {
             **self.head_info.get(name, {}),
@@ -278,7 +284,9 @@ class HeadedModel:
         folder = Path(folder)
         meta = read_heads_json(folder)
         spec = ArchSpec.from_dict(meta["arch"])
-        backbone = _read_tensors(folder / meta.get("backbone_file", BACKBONE_FILE), "backbone")
+        backbone = _read_tensors(
+            inside(folder, folder / str(meta.get("backbone_file", BACKBONE_FILE))), "backbone"
+        )
         if state_hash(backbone) != meta["backbone_hash"]:
             raise ModelError(
                 "backbone weights do not match heads.json (changed or corrupt)",
@@ -287,7 +295,7 @@ class HeadedModel:
             )
         heads, info = {}, {}
         for name, entry in meta["heads"].items():
-            path = folder / entry["file"]
+            path = inside(folder, folder / str(entry["file"]))  # the name comes from heads.json
             if entry.get("backbone_hash") != meta["backbone_hash"]:
                 raise ModelError(
                     f"head '{name}' was trained on another backbone",
@@ -311,7 +319,7 @@ class HeadedModel:
                 raise ModelError(
                     f"head '{name}' does not fit head_stages={meta['head_stages']}",
                     "re-create the head for this model",
-                    folder / meta["heads"][name]["file"],
+                    inside(folder, folder / str(meta["heads"][name]["file"])),
                 )
         return cls(
             spec,

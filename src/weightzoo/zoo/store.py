@@ -38,7 +38,7 @@ from safetensors.numpy import save as safetensors_save_numpy
 from safetensors.torch import load as safetensors_load
 
 from weightzoo.errors import InputError, ModelError, UnknownNameError
-from weightzoo.fileio import atomic_write_bytes
+from weightzoo.fileio import atomic_write_bytes, inside, plain_name
 from weightzoo.nets.unet import ArchSpec
 
 if TYPE_CHECKING:
@@ -626,7 +626,7 @@ class Zoo:
         for it in todo:
             groups.setdefault(it.run_id, []).append(it)
         for rid, its in groups.items():
-            folder = self.path / DATA_DIR / rid
+            folder = self.path / DATA_DIR / plain_name(rid, "run id", self.path)
             blobs = [self._blob(it, runs[rid][0], on_disk[id(it)]) for it in its]
             if self.shard:
                 steps = sorted(int(it.step) for it in its)
@@ -908,7 +908,7 @@ class Zoo:
         file, offset, nbytes = (
             (rec.file, rec.offset, rec.nbytes) if isinstance(rec, CheckpointRecord) else rec
         )
-        p = self.path / file
+        p = inside(self.path, self.path / file)  # the file name comes from the manifest
         try:
             with open(p, "rb") as f:
                 f.seek(offset)
