@@ -4,8 +4,10 @@ bad inputs are one-line errors with exit code 2 that write nothing."""
 from __future__ import annotations
 
 import copy
+import os
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -104,3 +106,56 @@ def test_export_refuses_names_that_leave_the_output_folder(tmp_path: Path, capsy
     err = capsys.readouterr().err
     assert rc == 2 and "not a plain file name" in err, err
     assert not (tmp_path / "out" / "evil").exists() and not (tmp_path / "evil").exists()
+
+
+# ---- outputs never overwrite inputs ------------------------------------------------------------------
+def _image_and_model(tmp_path: Path) -> tuple[Path, Path]:
+    from weightzoo.data.io import save_nifti
+    from weightzoo.data.slices import Preprocessing
+    from weightzoo.segmenter import save_model
+
+    img = tmp_path / "t2.nii.gz"
+    save_nifti(img, np.random.default_rng(0).random((32, 32, 3)).astype(np.float32), np.eye(4))
+    spec = ArchSpec.preset("tiny")
+    model = save_model(
+        tmp_path / "m", build_network(spec, seed=0), spec, ["cord"], Preprocessing(size=(32, 32)), 0.0
+    )
+    return img, Path(model)
+
+
+def test_segment_never_overwrites_its_input(tmp_path: Path, capsys) -> None:
+    """-o naming the input (directly, through a symlink, or a hard link), a model file, or a folder:
+    one line, exit 2, and every input byte-identical afterwards."""
+    img, model = _image_and_model(tmp_path)
+    (tmp_path / "link.nii.gz").symlink_to(img)
+    os.link(img, tmp_path / "hard.nii.gz")
+    before = {p: p.read_bytes() for p in [img, *model.iterdir()]}
+    outs = [
+        img,
+        tmp_path / "link.nii.gz",
+        tmp_path / "hard.nii.gz",
+        tmp_path / "sub" / ".." / "t2.nii.gz",
+        tmp_path,
+    ]
+    for out in outs:
+        rc = main(["segment", "-i", str(img), "-m", str(model), "-o", str(out)])
+        err = capsys.readouterr().err.strip()
+        assert rc == 2 and len(err.splitlines()) == 1, (out, err)
+        assert "overwrite the input" in err or "existing folder" in err, err
+    (tmp_path / "qc_is_a_file").write_text("x")
+    rc = main(
+        [
+            "segment",
+            "-i",
+            str(img),
+            "-m",
+            str(model),
+            "-o",
+            str(tmp_path / "o.nii.gz"),
+            "--qc",
+            str(tmp_path / "qc_is_a_file"),
+        ]
+    )
+    assert rc == 2 and "not a folder" in capsys.readouterr().err
+    assert not (tmp_path / "o.nii.gz").exists()
+    assert all(p.read_bytes() == b for p, b in before.items())

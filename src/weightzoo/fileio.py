@@ -96,3 +96,26 @@ def inside(folder: str | Path, path: str | Path) -> Path:
     if p != root and root not in p.parents:
         raise InputError("would be written outside the output folder", f"keep outputs inside {root}", path)
     return p
+
+
+def check_output_file(out: str | Path, inputs: list[str | Path], fix: str = "choose another -o") -> Path:
+    """Refuse, before anything is written, an output file that IS one of the inputs (resolved paths,
+    symlinks and hard links included) or an existing folder."""
+    p = Path(out)
+    if p.is_dir():
+        raise InputError("the output names an existing folder, not a file", fix, p)
+    target = p.resolve()
+    for i in inputs:
+        q = Path(i)
+        same = q.resolve() == target or (p.exists() and q.exists() and os.path.samefile(p, q))
+        if same:
+            raise InputError(f"the output would overwrite the input {q}", fix, p)
+    return p
+
+
+def check_output_folder(folder: str | Path, what: str = "output folder") -> Path:
+    """A folder we are to write into must not be an existing file."""
+    p = Path(folder)
+    if p.exists() and not p.is_dir():
+        raise InputError(f"the {what} is an existing file, not a folder", "give a folder", p)
+    return p

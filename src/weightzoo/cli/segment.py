@@ -21,6 +21,7 @@ from rich.markup import escape
 
 from weightzoo.data.io import NIFTI_ENDINGS, Image, file_ending, read_image, write_like
 from weightzoo.errors import InputError, UnknownNameError
+from weightzoo.fileio import check_output_file, check_output_folder
 from weightzoo.heads import is_heads_folder, load_any_model
 from weightzoo.postprocess import largest_component, threshold
 from weightzoo.segmenter import MODEL_JSON, load_model, segment_image
@@ -85,8 +86,12 @@ def segment_file(
     tasks = [task] if task is not None else list(seg.tasks)
     out = out or default_output(Path(image_path))
     paths = output_paths(out, tasks, one_file=task is not None or len(seg.tasks) == 1)
+    inputs = [Path(image_path), *Path(model_dir).glob("*"), *Path(model_dir).glob("*/*")]
     for p in paths.values():
+        check_output_file(p, inputs)
         _check_output(p, image)
+    if qc_dir is not None:
+        check_output_folder(qc_dir, "--qc folder")
     probs = segment_image(seg, image)  # [K, *spatial] on the image grid (canonical for volumes)
     for t, path in paths.items():
         p = probs[seg.tasks.index(t)]
