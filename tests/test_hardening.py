@@ -159,3 +159,35 @@ def test_segment_never_overwrites_its_input(tmp_path: Path, capsys) -> None:
     assert rc == 2 and "not a folder" in capsys.readouterr().err
     assert not (tmp_path / "o.nii.gz").exists()
     assert all(p.read_bytes() == b for p, b in before.items())
+
+
+# ---- numbers -----------------------------------------------------------------------------------------
+@pytest.mark.parametrize("bad", [np.nan, np.inf])
+def test_nan_or_inf_in_an_image_is_an_error(tmp_path: Path, bad: float, capsys) -> None:
+    """One NaN voxel used to give an all-zero mask with exit 0 (issue 16)."""
+    import tifffile
+
+    from weightzoo.data.io import save_nifti
+
+    img, model = _image_and_model(tmp_path)
+    arr = np.random.default_rng(0).random((32, 32, 3)).astype(np.float32)
+    arr[5, 6, 0] = bad
+    save_nifti(img, arr, np.eye(4))
+    tif = tmp_path / "x.tif"
+    tifffile.imwrite(tif, arr[..., 0])
+    for src, out in ((img, "o.nii.gz"), (tif, "o.tif")):
+        rc = main(["segment", "-i", str(src), "-m", str(model), "-o", str(tmp_path / out)])
+        err = capsys.readouterr().err.strip()
+        assert rc == 2 and "NaN/inf" in err and str(src) in err and len(err.splitlines()) == 1, err
+        assert not (tmp_path / out).exists()
+
+
+def test_a_diverging_run_stops_and_writes_no_model(tiny_phantom_dataset, tmp_path: Path, capsys) -> None:
+    """`--lr 1e30` used to save a NaN model with exit 0; now it stops with one line, exit 2, and no
+    model.json (the last good checkpoint stays)."""
+    out = tmp_path / "run"
+    args = ["train", "-d", str(tiny_phantom_dataset.root), "-t", "cord", "--preset", "tiny", "--size", "32"]
+    rc = main([*args, "--steps", "6", "--batch-size", "2", "--lr", "1e30", "-o", str(out), "--no-progress"])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and "diverged" in err and len(err.splitlines()) == 1, err
+    assert not (out / "model.json").exists()

@@ -68,8 +68,22 @@ def _load_nifti(path: Path) -> Any:
     return img
 
 
+def finite_or_error(arr: np.ndarray, path: str | Path) -> np.ndarray:
+    """NaN or inf in an image is an error, in every reader: silently replacing them (nan_to_num) would
+    hide a broken conversion and change the normalisation of the whole image, and passing them on
+    gives an all-zero mask or a NaN model with exit 0."""
+    bad = ~np.isfinite(arr)
+    if bad.any():
+        raise InputError(
+            f"image has {int(bad.sum())} NaN/inf voxel(s) (first at index {tuple(int(i) for i in np.argwhere(bad)[0])})",
+            "fix or re-export the image (e.g. replace NaN by 0 with fslmaths IMG -nan OUT)",
+            path,
+        )
+    return arr
+
+
 def read_image(path: str | Path) -> Image:
-    """Read a NIfTI volume (reoriented to RAS+) or a 2-D image (gray or RGB)."""
+    """Read a NIfTI volume (reoriented to RAS+) or a 2-D image (gray or RGB); NaN/inf are an error."""
     p = require_file(path, "image")
     if is_nifti(p):
         import nibabel as nib
@@ -82,10 +96,10 @@ def read_image(path: str | Path) -> Image:
                 p,
             )
         canon = nib.as_closest_canonical(img)
-        arr = np.asarray(canon.get_fdata(dtype=np.float32)).reshape(canon.shape[:3])
+        arr = finite_or_error(np.asarray(canon.get_fdata(dtype=np.float32)).reshape(canon.shape[:3]), p)
         spacing = tuple(float(z) for z in canon.header.get_zooms()[:3])
         return Image(arr[None], p, affine=canon.affine, spacing=spacing, _nifti=img)
-    return Image(_read_2d(p), p, spacing=(1.0, 1.0))
+    return Image(finite_or_error(_read_2d(p), p), p, spacing=(1.0, 1.0))
 
 
 def _read_2d(p: Path) -> np.ndarray:

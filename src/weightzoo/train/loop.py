@@ -224,6 +224,21 @@ def evaluate_slices(
     return total / max(n, 1), dice_from_counts(counts)
 
 
+def weights_finite(net: torch.nn.Module) -> bool:
+    return all(bool(torch.isfinite(p).all()) for p in net.parameters())
+
+
+def diverged(step: int, loss: float, out_dir: Path) -> ModelError:
+    """Training produced NaN/inf: stop without writing a model or a checkpoint of the broken weights
+    (the last good checkpoint, if any, stays in out_dir)."""
+    what = f"loss {loss}" if not math.isfinite(loss) else "weights with NaN/inf"
+    return ModelError(
+        f"training diverged at step {step} ({what}); no model was written",
+        "lower --lr (or check the images for extreme values), then train again with --force",
+        out_dir,
+    )
+
+
 def _differences(a: dict[str, Any], b: dict[str, Any]) -> str:
     ca, cb = a.get("config", {}), b.get("config", {})
     diffs = [
@@ -459,6 +474,10 @@ def train_on_slices(
                 loss_sum += float(loss)
                 loss_n += 1
                 done = step + 1
+                if not math.isfinite(float(loss)) or (
+                    (done % cfg.checkpoint_every == 0 or done == cfg.steps) and not weights_finite(net)
+                ):
+                    raise diverged(done, float(loss), out_dir)
                 if done % cfg.val_every == 0 or done == cfg.steps:
                     entry: dict[str, Any] = {"step": done, "train_loss": loss_sum / loss_n, "lr": lr}
                     if val is not None:
