@@ -191,3 +191,43 @@ def test_a_diverging_run_stops_and_writes_no_model(tiny_phantom_dataset, tmp_pat
     err = capsys.readouterr().err.strip()
     assert rc == 2 and "diverged" in err and len(err.splitlines()) == 1, err
     assert not (out / "model.json").exists()
+
+
+@pytest.mark.parametrize("dtype", [torch.bool, torch.int32, torch.uint8])
+def test_weights_of_the_wrong_dtype_are_refused(tmp_path: Path, dtype: torch.dtype, capsys) -> None:
+    """bool/int weights used to give an all-ones mask from `segment` with exit 0."""
+    from safetensors.torch import load_file, save_file
+
+    img, model = _image_and_model(tmp_path)
+    w = load_file(model / "model.safetensors")
+    first = sorted(w)[0]
+    w[first] = w[first].to(dtype)
+    save_file(w, model / "model.safetensors")
+    rc = main(["segment", "-i", str(img), "-m", str(model), "-o", str(tmp_path / "o.nii.gz")])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and "wrong dtype" in err and len(err.splitlines()) == 1, err
+    assert not (tmp_path / "o.nii.gz").exists()
+
+
+def test_a_split_file_with_a_subject_in_two_splits_is_refused(
+    tiny_phantom_dataset, tmp_path: Path, capsys
+) -> None:
+    """A test leak used to be accepted as is."""
+    import json
+    import shutil
+
+    from weightzoo.data.raw import SPLITS_FILE, RawDataset
+
+    root = tmp_path / tiny_phantom_dataset.root.name
+    shutil.copytree(tiny_phantom_dataset.root, root)
+    s = json.loads((root / SPLITS_FILE).read_text())
+    s["test"].append(s["train"][0])
+    (root / SPLITS_FILE).write_text(json.dumps(s))
+    with pytest.raises(InputError, match="in both the train and the test split"):
+        RawDataset.open(root).splits()
+    rc = main(
+        ["train", "-d", str(root), "-t", "cord", "--steps", "1", "--size", "32", "-o", str(tmp_path / "m")]
+    )
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and SPLITS_FILE in err and len(err.splitlines()) == 1, err
+    assert not (tmp_path / "m").exists()

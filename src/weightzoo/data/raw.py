@@ -170,6 +170,22 @@ class RawDataset:
             raise InputError(
                 f"{SPLITS_FILE} lacks one of {SPLIT_NAMES}", "delete it to re-create the default split", path
             )
+        if not all(isinstance(s[k], list) and all(isinstance(x, str) for x in s[k]) for k in SPLIT_NAMES):
+            raise InputError(
+                f"{SPLITS_FILE}: each of {SPLIT_NAMES} must be a list of subject names",
+                "fix the file or delete it to re-create the default split",
+                path,
+            )
+        seen: dict[str, str] = {}
+        for k in SPLIT_NAMES:
+            for subject in s[k]:
+                if subject in seen and seen[subject] != k:  # a test leak (or a train/val one)
+                    raise InputError(
+                        f"subject '{subject}' is in both the {seen[subject]} and the {k} split",
+                        "put every subject in exactly one split",
+                        path,
+                    )
+                seen[subject] = k
         return {k: list(s[k]) for k in SPLIT_NAMES}
 
     def cases_in(self, split: str | None = None, sites: Iterable[str] | None = None) -> list[str]:

@@ -246,6 +246,15 @@ def check_state_dict(spec: ArchSpec, state: dict[str, torch.Tensor], source: str
             "the checkpoint belongs to another architecture; use the model folder it was saved with",
             source,
         )
+    not_float = [k for k in ref if not state[k].is_floating_point()]
+    if not_float:
+        k = not_float[0]
+        raise ModelError(
+            f"weights of the wrong dtype ({k} is {str(state[k].dtype).removeprefix('torch.')}, the network's is "
+            f"{str(ref[k].dtype).removeprefix('torch.')})",
+            "store weights as float32/float16/bfloat16; the file was not written by a network",
+            source,
+        )
     bad = [k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()]
     if bad:
         raise ModelError(
