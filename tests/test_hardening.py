@@ -231,3 +231,69 @@ def test_a_split_file_with_a_subject_in_two_splits_is_refused(
     err = capsys.readouterr().err.strip()
     assert rc == 2 and SPLITS_FILE in err and len(err.splitlines()) == 1, err
     assert not (tmp_path / "m").exists()
+
+
+# ---- edited files and resource caps ------------------------------------------------------------------
+def _edit(d: dict, path: list, value: object) -> dict:
+    d = copy.deepcopy(d)
+    node = d
+    for k in path[:-1]:
+        node = node[k]
+    if value is KeyError:
+        del node[path[-1]]
+    else:
+        node[path[-1]] = value
+    return d
+
+
+MODEL_EDITS = [
+    (["preprocessing", "size"], [1000000, 1000000]),
+    (["preprocessing", "size"], "big"),
+    (["preprocessing", "axis"], 7),
+    (["arch", "arch_kwargs", "extra_kwarg"], 1),
+    (["arch", "arch_kwargs", "conv_op"], ["torch.nn.modules.conv.Conv2d"]),
+    (["arch", "arch_kwargs", "features_per_stage"], [-4, 8, 16]),
+    (["arch", "arch_kwargs", "features_per_stage"], ["4", 8, 16]),
+    (["arch", "arch_kwargs", "n_stages"], 50),
+    (["arch", "arch_kwargs", "features_per_stage"], [4, 8, 10**6]),
+]
+
+
+@pytest.mark.parametrize("path,value", MODEL_EDITS, ids=[f"{'.'.join(p)}={v!r:.20}" for p, v in MODEL_EDITS])
+def test_edited_model_json_is_one_line_exit_2(tmp_path: Path, path: list, value: object, capsys) -> None:
+    import json
+
+    img, model = _image_and_model(tmp_path)
+    meta = json.loads((model / "model.json").read_text())
+    if path[0] not in meta:
+        pytest.fail(f"model.json has no {path[0]} (keys {sorted(meta)})")
+    (model / "model.json").write_text(json.dumps(_edit(meta, path, value)))
+    rc = main(["segment", "-i", str(img), "-m", str(model), "-o", str(tmp_path / "o.nii.gz")])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and len(err.splitlines()) == 1 and "Traceback" not in err, err
+    assert not (tmp_path / "o.nii.gz").exists()
+
+
+def test_a_huge_grid_fails_at_once(tiny_phantom_dataset, tmp_path: Path, capsys) -> None:
+    """seeds: 100000000 used to plan for > 10 min and 5.8 GB of RAM, printing nothing."""
+    import time
+
+    import yaml
+
+    (tmp_path / "g.yaml").write_text(
+        yaml.safe_dump({"tasks": ["cord"], "sites": ["A"], "seeds": 100_000_000})
+    )
+    t = time.perf_counter()
+    rc = main(["zoo", "build", "--dataset", str(tiny_phantom_dataset.root), "--grid", str(tmp_path / "g.yaml"),
+               "--zoo", str(tmp_path / "zoo"), "--no-progress"])  # fmt: skip
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and "runs a grid may plan" in err and time.perf_counter() - t < 10, err
+    (tmp_path / "g.yaml").write_text(
+        yaml.safe_dump(
+            {"tasks": ["cord"], "sites": ["A"], "seeds": 2000, "lr": [0.1 * i + 0.1 for i in range(600)]}
+        )
+    )
+    rc = main(["zoo", "build", "--dataset", str(tiny_phantom_dataset.root), "--grid", str(tmp_path / "g.yaml"),
+               "--zoo", str(tmp_path / "zoo2"), "--no-progress"])  # fmt: skip
+    assert rc == 2 and "1,200,000 runs" in capsys.readouterr().err
+    assert not (tmp_path / "zoo2").exists()

@@ -93,6 +93,16 @@ def ls(
     from weightzoo.zoo.store import Zoo
 
     with Zoo(zoo) as z:
+        every = z.runs()
+        for kind, value, known in (
+            ("task", task, sorted({t for r in every for t in r.tasks})),
+            ("site", site, sorted({x for r in every for x in r.sites})),
+            ("split", split, ["train", "val", "test"]),
+        ):
+            if value is not None and value not in known:  # "0 runs" would read as an answer
+                from weightzoo.errors import UnknownNameError
+
+                raise UnknownNameError(kind, value, known, zoo)
         s = z.summary(task=task, site=site, split=split)
         found = z.runs(task=task, site=site, split=split)
         table = Table(title=f"zoo {zoo} · by task", title_justify="left")

@@ -22,6 +22,10 @@ from weightzoo.errors import InputError, UnknownNameError
 NORMALIZATIONS = ("zscore", "percentile", "rgb")
 
 
+MAX_SIZE = 4096  # slice side in pixels
+MAX_CHANNELS = 64
+
+
 @dataclass(frozen=True)
 class Preprocessing:
     """How raw intensities become network input. Stored in model.json."""
@@ -41,12 +45,28 @@ class Preprocessing:
         unknown = set(d) - {"normalization", "size", "axis", "channels"}
         if unknown:
             raise InputError(f"unknown preprocessing keys {sorted(unknown)}", "remove them from model.json")
-        return cls(
-            d.get("normalization", "zscore"),
-            tuple(d.get("size", (64, 64))),
-            int(d.get("axis", 2)),
-            int(d.get("channels", 1)),
-        )
+        try:
+            size = tuple(int(v) for v in d.get("size", (64, 64)))
+            axis, channels = int(d.get("axis", 2)), int(d.get("channels", 1))
+        except (TypeError, ValueError):
+            raise InputError(
+                "preprocessing size/axis/channels are not integers", "fix model.json's preprocessing"
+            ) from None
+        norm = d.get("normalization", "zscore")
+        if norm not in NORMALIZATIONS:
+            raise UnknownNameError("normalization", str(norm), NORMALIZATIONS)
+        # caps, checked before anything is allocated: [1000000, 1000000] used to try 16 TB
+        if len(size) != 2 or not all(1 <= v <= MAX_SIZE for v in size):
+            raise InputError(
+                f"preprocessing size {list(size)} is not [H, W] with 1 <= H, W <= {MAX_SIZE}",
+                "fix model.json's preprocessing",
+            )
+        if axis not in (0, 1, 2) or not 1 <= channels <= MAX_CHANNELS:
+            raise InputError(
+                f"preprocessing axis {axis} / channels {channels} out of range (axis 0-2, 1-{MAX_CHANNELS} channels)",
+                "fix model.json's preprocessing",
+            )
+        return cls(norm, size, axis, channels)
 
 
 def normalize_case(array: np.ndarray, method: str) -> np.ndarray:

@@ -98,8 +98,9 @@ class ArchSpec:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> ArchSpec:
+        """From a file's dict: every arch_kwarg checked (types, ranges, sizes) before anything is built."""
         try:
-            return cls(
+            spec = cls(
                 arch_kwargs=copy.deepcopy(d["arch_kwargs"]),
                 input_channels=int(d["input_channels"]),
                 num_classes=int(d["num_classes"]),
@@ -107,6 +108,8 @@ class ArchSpec:
             )
         except (KeyError, TypeError, ValueError) as e:
             raise ModelError(f"not a valid ArchSpec ({e!r})", "re-create the model with weightzoo") from None
+        check_arch_kwargs(spec.arch_kwargs, spec.input_channels, spec.num_classes)
+        return spec
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -145,6 +148,52 @@ class ArchSpec:
         return ArchSpec(
             copy.deepcopy(self.arch_kwargs), self.input_channels, num_classes, self.network_class_name
         )
+
+
+MAX_STAGES, MAX_FEATURES, MAX_CONVS, MAX_KERNEL, MAX_IO = 10, 4096, 8, 15, 256
+ARCH_KEYS = set(_unet_kwargs([1], 1, 0.5)) | {"deep_supervision"}
+
+
+def check_arch_kwargs(kw: Any, input_channels: int = 1, num_classes: int = 1) -> None:
+    """A one-line ModelError unless `kw` is a PlainConvUNet block we can build within the caps."""
+
+    def bad(what: str) -> ModelError:
+        return ModelError(f"arch_kwargs: {what}", "fix the architecture in model.json / plans.json")
+
+    def ints(v: Any, n: int | None, lo: int, hi: int, name: str) -> list[int]:
+        if not isinstance(v, list) or (n is not None and len(v) != n):
+            raise bad(f"{name} must be a list of {n if n is not None else 'n'} integers, got {v!r:.60}")
+        if not all(isinstance(x, int) and not isinstance(x, bool) and lo <= x <= hi for x in v):
+            raise bad(f"{name} values must be integers in [{lo}, {hi}], got {v!r:.60}")
+        return v
+
+    if not isinstance(kw, dict):
+        raise bad(f"must be a mapping, got {type(kw).__name__}")
+    unknown = sorted(set(kw) - ARCH_KEYS)
+    if unknown:
+        raise bad(f"unknown key(s) {unknown}")
+    n = kw.get("n_stages")
+    if not isinstance(n, int) or isinstance(n, bool) or not 1 <= n <= MAX_STAGES:
+        raise bad(f"n_stages must be an integer in [1, {MAX_STAGES}], got {n!r}")
+    ints(kw.get("features_per_stage"), n, 1, MAX_FEATURES, "features_per_stage")
+    ints(kw.get("n_conv_per_stage"), n, 1, MAX_CONVS, "n_conv_per_stage")
+    ints(kw.get("n_conv_per_stage_decoder"), n - 1, 1, MAX_CONVS, "n_conv_per_stage_decoder")
+    for key, lo in (("kernel_sizes", 1), ("strides", 1)):
+        v = kw.get(key)
+        if not isinstance(v, list) or len(v) != n:
+            raise bad(f"{key} must have one entry per stage ({n}), got {v!r:.60}")
+        for e in v:
+            ints(e if isinstance(e, list) else [e], None, lo, MAX_KERNEL, key)
+    for key in OP_KEYS:
+        if kw.get(key) is not None and not isinstance(kw.get(key), str):
+            raise bad(f"{key} must be an op name (a string), got {type(kw.get(key)).__name__}")
+    for key in ("norm_op_kwargs", "dropout_op_kwargs", "nonlin_kwargs"):
+        if kw.get(key) is not None and not isinstance(kw.get(key), dict):
+            raise bad(f"{key} must be a mapping or null")
+    if not isinstance(kw.get("conv_bias", True), bool):
+        raise bad("conv_bias must be true or false")
+    if not (1 <= input_channels <= MAX_IO and 1 <= num_classes <= MAX_IO):
+        raise bad(f"input_channels and num_classes must be in [1, {MAX_IO}]")
 
 
 def _resolve_ops(kwargs: dict[str, Any]) -> dict[str, Any]:

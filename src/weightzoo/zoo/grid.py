@@ -64,6 +64,7 @@ OTHER_KEYS = ("tasks", "sites", "seeds", "checkpoints", "run_split", "split_seed
 GRID_KEYS = (*OTHER_KEYS, *AXES, *DATA_KEYS)
 DEFAULT_CHECKPOINTS = 20
 DEFAULT_RUN_SPLIT = {"train": 0.8, "val": 0.1, "test": 0.1}
+MAX_RUNS = 1_000_000  # runs one grid may plan (a typo like seeds: 100000000 must fail at once)
 _CHECKPOINT_STREAM = 0x2A00  # stream id of the checkpoint-iteration draw (distinct from training streams)
 
 
@@ -199,6 +200,12 @@ class Grid:
         if isinstance(seeds, int) and not isinstance(seeds, bool):
             if seeds < 1:
                 raise InputError(f"seeds: {seeds} must be >= 1", "seeds: N or seeds: [0, 1, ...]", source)
+            if seeds > MAX_RUNS:  # checked before a list of that length is made
+                raise InputError(
+                    f"seeds: {seeds} is more than the {MAX_RUNS:,} runs a grid may plan",
+                    "split the zoo into several grids",
+                    source,
+                )
             seeds = list(range(seeds))
         try:
             self.seeds = [int(s) for s in _as_list(seeds)]
@@ -259,6 +266,13 @@ class Grid:
             for t in e:
                 ds.task_labels(t)  # UnknownNameError listing the dataset's tasks
         axes = [(k, _as_list(self.d[k])) for k in AXES if k in self.d]
+        n_runs = math.prod([len(self.task_entries), len(self.seeds), *(len(v) for _, v in axes)])
+        if n_runs > MAX_RUNS:  # the site entries only multiply this further
+            raise InputError(
+                f"the grid plans {n_runs:,} runs or more, above the cap of {MAX_RUNS:,}",
+                "split the zoo into several grids",
+                self.source,
+            )
         data = {k: self.d[k] for k in DATA_KEYS if k in self.d}
         if self.base is not None:
             for e in self.task_entries:

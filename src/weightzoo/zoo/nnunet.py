@@ -35,6 +35,7 @@ from weightzoo.nets.unet import (
     PLAIN_CONV_UNET,
     ArchSpec,
     build_network,
+    check_arch_kwargs,
     check_state_dict,
     load_real_state_dict,
     real_state_dict,
@@ -228,6 +229,10 @@ def spec_from_plans(
             "dataset.json has no 'channel_names'", "use the dataset.json nnU-Net trained with", source
         )
     heads, _, _ = output_heads(dataset_json)
+    try:
+        check_arch_kwargs(kwargs, len(channels), len(heads))
+    except ModelError as e:
+        raise ModelError(e.what, "use the plans.json nnU-Net trained with", source) from None
     return ArchSpec(kwargs, input_channels=len(channels), num_classes=len(heads))
 
 
