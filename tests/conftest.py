@@ -171,3 +171,24 @@ def kill_build_after():
         proc.wait()
 
     return run
+
+
+@pytest.fixture(scope="session")
+def alone_and_together():
+    """alone_and_together(plans, datas, **batched_kw) -> ({(run_id, step): checkpoint} trained one by
+    one, the same trained in one batch): what the batched = sequential tests compare."""
+    import torch
+
+    from weightzoo.zoo.batched import train_batched
+    from weightzoo.zoo.runs import train_sequential
+
+    def run(plans: list, datas: list, **batched_kw) -> tuple[dict, dict]:
+        cpu = torch.device("cpu")
+        alone: dict = {}
+        for p, d in zip(plans, datas, strict=True):
+            train_sequential(p, d, cpu, lambda c: alone.__setitem__((c.run_id, c.step), c))
+        together: dict = {}
+        train_batched(plans, datas, cpu, lambda c: together.__setitem__((c.run_id, c.step), c), **batched_kw)
+        return alone, together
+
+    return run

@@ -14,10 +14,10 @@ from weightzoo.nets.unet import ArchSpec, build_network, count_parameters
 from weightzoo.train.config import TrainConfig
 from weightzoo.train.losses import DiceBCELoss
 from weightzoo.zoo.base import is_trainable
-from weightzoo.zoo.batched import StackedRuns, evaluate_stacked, train_batched
+from weightzoo.zoo.batched import StackedRuns, evaluate_stacked
 from weightzoo.zoo.grid import Grid
 from weightzoo.zoo.grouped import grouped_forward
-from weightzoo.zoo.runs import Phases, evaluate_checkpoint, load_zoo_data, train_sequential
+from weightzoo.zoo.runs import Phases, evaluate_checkpoint, load_zoo_data
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -98,22 +98,12 @@ def test_stacked_evaluation_equals_each_run_alone(tiny_phantom_dataset) -> None:
             assert abs(alone["metrics"]["cord"][k] - ev["metrics"]["cord"][k]) < 1e-5
 
 
-def test_micro_batched_equals_sequential(tiny_phantom_dataset) -> None:
+def test_micro_batched_equals_sequential(tiny_phantom_dataset, alone_and_together) -> None:
     """6 micro runs (2 sites, 3 seeds, SGD) at 32 px: every checkpoint's weights and losses within 1e-4
     of the same run trained alone, and the profile saw every phase."""
     plans, datas = _micro_runs(tiny_phantom_dataset, [0, 1, 2])
-    alone: dict = {}
-    for p, d in zip(plans, datas, strict=True):
-        train_sequential(p, d, torch.device("cpu"), lambda c: alone.__setitem__((c.run_id, c.step), c))
-    together: dict = {}
     phases = Phases()
-    train_batched(
-        plans,
-        datas,
-        torch.device("cpu"),
-        lambda c: together.__setitem__((c.run_id, c.step), c),
-        phases=phases,
-    )
+    alone, together = alone_and_together(plans, datas, phases=phases)
     assert alone.keys() == together.keys() and len(alone) == 6 * 5
     for key, a in alone.items():
         b = together[key]
@@ -123,7 +113,9 @@ def test_micro_batched_equals_sequential(tiny_phantom_dataset) -> None:
 
 
 @pytest.mark.parametrize("subset", ["all", "norm_seg"])
-def test_finetunes_batched_equal_sequential(tiny_phantom_dataset, phantom_base, subset: str) -> None:
+def test_finetunes_batched_equal_sequential(
+    tiny_phantom_dataset, phantom_base, subset: str, alone_and_together
+) -> None:
     """Fine-tunes of one base (the delta zoos) use the same batched builder: 4 runs (2 sites x 2 seeds,
     SGD) from the base train together; every checkpoint within 1e-4 of training alone, and tensors
     outside the trainable subset stay exactly the base's."""
@@ -140,11 +132,7 @@ def test_finetunes_batched_equal_sequential(tiny_phantom_dataset, phantom_base, 
     plans = Grid(grid).expand(tiny_phantom_dataset)
     data = load_zoo_data(tiny_phantom_dataset, plans, Preprocessing("zscore", (32, 32), 2, 1))
     datas = [data.run_data(p, torch.device("cpu")) for p in plans]
-    alone: dict = {}
-    for p, d in zip(plans, datas, strict=True):
-        train_sequential(p, d, torch.device("cpu"), lambda c: alone.__setitem__((c.run_id, c.step), c))
-    together: dict = {}
-    train_batched(plans, datas, torch.device("cpu"), lambda c: together.__setitem__((c.run_id, c.step), c))
+    alone, together = alone_and_together(plans, datas)
     assert alone.keys() == together.keys() and len(alone) == 4 * 3
     for (rid, step), a in alone.items():
         b = together[(rid, step)]

@@ -21,7 +21,7 @@ from weightzoo.segmenter import load_model
 from weightzoo.train.loop import train_on_slices
 from weightzoo.train.losses import dice_counts, dice_from_counts
 from weightzoo.zoo import Zoo
-from weightzoo.zoo.batched import choose_mode, train_batched
+from weightzoo.zoo.batched import choose_mode
 from weightzoo.zoo.build import build_zoo
 from weightzoo.zoo.grid import Grid
 from weightzoo.zoo.runs import RunData, load_zoo_data, train_sequential
@@ -161,7 +161,7 @@ def _plans_and_data(ds, grid: dict) -> tuple[list, list]:
 
 
 @pytest.mark.parametrize("optimizer", ["sgd", "adam"])
-def test_batched_equals_sequential(tiny_phantom_dataset, optimizer: str) -> None:
+def test_batched_equals_sequential(tiny_phantom_dataset, optimizer: str, alone_and_together) -> None:
     """4 runs with their own seeds, sites, lr and augmentation, trained in one batch vs each alone.
 
     Stated tolerance after 10 steps: network outputs on the validation slices within 1e-3 (max abs
@@ -187,11 +187,7 @@ def test_batched_equals_sequential(tiny_phantom_dataset, optimizer: str) -> None
     )
     plans, datas = plans + plans2[:2], datas + datas2[:2]  # 2 runs on A and B, then 2 seeds on A
     assert len({(p.config.learning_rate, p.config.augment, p.seed, p.sites) for p in plans}) == 4
-    alone: dict = {}
-    for p, d in zip(plans, datas, strict=True):
-        train_sequential(p, d, torch.device("cpu"), lambda c: alone.__setitem__((c.run_id, c.step), c))
-    together: dict = {}
-    train_batched(plans, datas, torch.device("cpu"), lambda c: together.__setitem__((c.run_id, c.step), c))
+    alone, together = alone_and_together(plans, datas)
     assert alone.keys() == together.keys() and len(alone) == 4 * 4
     for (rid, step), a in alone.items():
         b = together[(rid, step)]
