@@ -78,10 +78,9 @@ def test_build_gives_the_planned_zoo(built: Path, tiny_phantom_dataset, capsys, 
     out = capsys.readouterr().out
     assert "8 runs (8 done" in out and "40 of 40 checkpoints" in out and "cord" in out and "gm" in out
     assert main(["zoo", "ls", str(built), "--task", "cord", "--site", "A"]) == 0
-    capsys.readouterr()
+    assert "2 runs (2 done" in capsys.readouterr().out
     assert main(["zoo", "ls", str(built), "--task", "bogus"]) == 2  # not "0 runs"
     assert "unknown task 'bogus'" in capsys.readouterr().err
-    assert "2 runs (2 done" in capsys.readouterr().out
     # verify passes, then fails after one byte of one file changes
     copy = tmp_path / "zoo"
     shutil.copytree(built, copy)
