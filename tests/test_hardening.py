@@ -297,3 +297,26 @@ def test_a_huge_grid_fails_at_once(tiny_phantom_dataset, tmp_path: Path, capsys)
                "--zoo", str(tmp_path / "zoo2"), "--no-progress"])  # fmt: skip
     assert rc == 2 and "1,200,000 runs" in capsys.readouterr().err
     assert not (tmp_path / "zoo2").exists()
+
+
+def test_bad_device_and_mode_fail_before_anything_is_written(
+    tiny_phantom_dataset, tmp_path: Path, capsys
+) -> None:
+    """`--device bogus` used to give a RuntimeError traceback; `zoo build --mode bogus` registered runs
+    before it failed."""
+    import yaml
+
+    root = str(tiny_phantom_dataset.root)
+    rc = main(["train", "-d", root, "-t", "cord", "--steps", "1", "--size", "32", "--device", "bogus",
+               "-o", str(tmp_path / "m")])  # fmt: skip
+    assert rc == 2 and "unknown device 'bogus'" in capsys.readouterr().err
+    assert not (tmp_path / "m").exists()
+    (tmp_path / "g.yaml").write_text(yaml.safe_dump({"tasks": ["cord"], "sites": ["A"], "steps": 2}))
+    for extra, msg in (
+        (["--mode", "bogus"], "unknown training mode"),
+        (["--device", "bogus"], "unknown device"),
+    ):
+        rc = main(["zoo", "build", "--dataset", root, "--grid", str(tmp_path / "g.yaml"), "--zoo",
+                   str(tmp_path / "zoo"), "--no-progress", *extra])  # fmt: skip
+        assert rc == 2 and msg in capsys.readouterr().err
+        assert not (tmp_path / "zoo").exists()

@@ -24,7 +24,7 @@ from safetensors.torch import load_file, save_file
 
 from weightzoo.data.io import Image
 from weightzoo.data.slices import Preprocessing, case_slices, normalize_case, resize
-from weightzoo.errors import ModelError
+from weightzoo.errors import InputError, ModelError
 from weightzoo.fileio import atomic_write_json, read_folder_description
 from weightzoo.nets.unet import (
     ArchSpec,
@@ -57,6 +57,10 @@ def resolve_device(device: str = "auto") -> torch.device:
     """'auto' -> cuda if available, else cpu. Never hard-code a device elsewhere."""
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    import re
+
+    if not isinstance(device, str) or not re.fullmatch(r"cpu|cuda(:\d+)?|mps", device):
+        raise InputError(f"unknown device {device!r}", "use --device auto, cpu, cuda, cuda:N or mps")
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise ModelError("--device cuda was asked for but no CUDA GPU is visible", "use --device cpu or auto")
     return torch.device(device)

@@ -196,6 +196,10 @@ def build_zoo(
         from weightzoo.errors import UnknownNameError
 
         raise UnknownNameError("executor", executor, EXECUTORS)
+    if mode not in ("auto", "batched", "sequential"):  # before the zoo is created or a run registered
+        from weightzoo.errors import UnknownNameError
+
+        raise UnknownNameError("training mode", mode, ["auto", "batched", "sequential"])
     ds = dataset if isinstance(dataset, RawDataset) else RawDataset.open(dataset)
     g = grid if isinstance(grid, Grid) else load_grid(grid)
     plans = g.expand(ds)
