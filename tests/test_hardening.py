@@ -320,3 +320,10 @@ def test_bad_device_and_mode_fail_before_anything_is_written(
                    str(tmp_path / "zoo"), "--no-progress", *extra])  # fmt: skip
         assert rc == 2 and msg in capsys.readouterr().err
         assert not (tmp_path / "zoo").exists()
+
+
+@pytest.mark.parametrize("cmd", [["data", "import-wbc", "src", "out"], ["data", "import-folder", "src"]])
+def test_limit_0_is_a_usage_error(cmd: list[str], tmp_path: Path, capsys) -> None:
+    rc = main([*cmd, "--limit", "0"])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and "--limit" in err and len(err.splitlines()) == 1, err

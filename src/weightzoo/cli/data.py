@@ -88,7 +88,7 @@ def register(app: typer.Typer) -> None:
     def import_wbc_cmd(
         src: Path = typer.Argument(..., help="WBC folder holding 'Dataset 1' and 'Dataset 2'."),
         out: Path = typer.Argument(..., help="Folder to create DatasetXXX_WBC in."),
-        limit: int = typer.Option(None, help="Import only the first N images of each source."),
+        limit: int = typer.Option(None, min=1, help="Import only the first N images of each source."),
         size: int = typer.Option(None, help="Resize every image to SIZE x SIZE (default: keep)."),
         dataset_id: int = typer.Option(None, "--id", help="nnU-Net dataset id (default: next free >= 501)."),
     ) -> None:
@@ -115,7 +115,7 @@ def register(app: typer.Typer) -> None:
             dataset_id: int = typer.Option(
                 None, "--id", help="nnU-Net dataset id (default: next free >= 501)."
             ),
-            limit: int = typer.Option(None, help="Import only the first N image/mask pairs."),
+            limit: int = typer.Option(None, min=1, help="Import only the first N image/mask pairs."),
         ) -> None:
             from weightzoo.data.importers import import_folder, import_nifti_folder
 
