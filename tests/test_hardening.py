@@ -271,6 +271,7 @@ def test_edited_model_json_is_one_line_exit_2(tmp_path: Path, path: list, value:
     rc = main(["segment", "-i", str(img), "-m", str(model), "-o", str(tmp_path / "o.nii.gz")])
     err = capsys.readouterr().err.strip()
     assert rc == 2 and len(err.splitlines()) == 1 and "Traceback" not in err, err
+    assert "model.json" in err, err  # the message names the file
     assert not (tmp_path / "o.nii.gz").exists()
 
 

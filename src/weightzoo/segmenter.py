@@ -155,7 +155,7 @@ def load_model(folder: str | Path, device: str = "auto") -> NetSegmenter:
     t0 = time.perf_counter()
     folder = Path(folder)
     meta = read_model_json(folder)
-    spec = ArchSpec.from_dict(meta["arch"])
+    spec = ArchSpec.from_dict(meta["arch"], folder / MODEL_JSON)
     wpath = folder / MODEL_WEIGHTS
     if not wpath.exists():
         raise ModelError(
@@ -171,7 +171,7 @@ def load_model(folder: str | Path, device: str = "auto") -> NetSegmenter:
         ) from None
     check_state_dict(spec, state, str(wpath))
     net = load_real_state_dict(build_network(spec), state)
-    prep = Preprocessing.from_dict(meta["preprocessing"])
+    prep = Preprocessing.from_dict(meta["preprocessing"], folder / MODEL_JSON)
     return NetSegmenter(
         net,
         spec,

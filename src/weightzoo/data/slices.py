@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -41,30 +42,34 @@ class Preprocessing:
         return d
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> Preprocessing:
+    def from_dict(cls, d: dict[str, Any], source: str | Path | None = None) -> Preprocessing:
         unknown = set(d) - {"normalization", "size", "axis", "channels"}
         if unknown:
-            raise InputError(f"unknown preprocessing keys {sorted(unknown)}", "remove them from model.json")
+            raise InputError(
+                f"unknown preprocessing keys {sorted(unknown)}", "remove them from the file", source
+            )
         try:
             size = tuple(int(v) for v in d.get("size", (64, 64)))
             axis, channels = int(d.get("axis", 2)), int(d.get("channels", 1))
         except (TypeError, ValueError):
             raise InputError(
-                "preprocessing size/axis/channels are not integers", "fix model.json's preprocessing"
+                "preprocessing size/axis/channels are not integers", "fix the file's preprocessing", source
             ) from None
         norm = d.get("normalization", "zscore")
         if norm not in NORMALIZATIONS:
-            raise UnknownNameError("normalization", str(norm), NORMALIZATIONS)
+            raise UnknownNameError("normalization", str(norm), NORMALIZATIONS, source)
         # caps, checked before anything is allocated: [1000000, 1000000] used to try 16 TB
         if len(size) != 2 or not all(1 <= v <= MAX_SIZE for v in size):
             raise InputError(
                 f"preprocessing size {list(size)} is not [H, W] with 1 <= H, W <= {MAX_SIZE}",
-                "fix model.json's preprocessing",
+                "fix the file's preprocessing",
+                source,
             )
         if axis not in (0, 1, 2) or not 1 <= channels <= MAX_CHANNELS:
             raise InputError(
                 f"preprocessing axis {axis} / channels {channels} out of range (axis 0-2, 1-{MAX_CHANNELS} channels)",
-                "fix model.json's preprocessing",
+                "fix the file's preprocessing",
+                source,
             )
         return cls(norm, size, axis, channels)
 

@@ -283,7 +283,7 @@ class HeadedModel:
         """Read a heads folder, with one-line errors for missing/corrupt/mismatched files."""
         folder = Path(folder)
         meta = read_heads_json(folder)
-        spec = ArchSpec.from_dict(meta["arch"])
+        spec = ArchSpec.from_dict(meta["arch"], folder / HEADS_JSON)
         backbone = _read_tensors(
             inside(folder, folder / str(meta.get("backbone_file", BACKBONE_FILE))), "backbone"
         )
@@ -324,7 +324,7 @@ class HeadedModel:
         return cls(
             spec,
             list(meta["tasks"]),
-            Preprocessing.from_dict(meta["preprocessing"]),
+            Preprocessing.from_dict(meta["preprocessing"], folder / HEADS_JSON),
             int(meta["head_stages"]),
             backbone,
             heads,

@@ -16,6 +16,7 @@ import copy
 import hashlib
 import json
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -97,8 +98,9 @@ class ArchSpec:
         return cls(_unet_kwargs(*PRESETS[name][:2], dropout, *PRESETS[name][2:]), input_channels, num_classes)
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> ArchSpec:
-        """From a file's dict: every arch_kwarg checked (types, ranges, sizes) before anything is built."""
+    def from_dict(cls, d: dict[str, Any], source: str | Path | None = None) -> ArchSpec:
+        """From a file's dict (`source`, named in errors): every arch_kwarg checked (types, ranges,
+        sizes) before anything is built."""
         try:
             spec = cls(
                 arch_kwargs=copy.deepcopy(d["arch_kwargs"]),
@@ -107,8 +109,10 @@ class ArchSpec:
                 network_class_name=d.get("network_class_name", PLAIN_CONV_UNET),
             )
         except (KeyError, TypeError, ValueError) as e:
-            raise ModelError(f"not a valid ArchSpec ({e!r})", "re-create the model with weightzoo") from None
-        check_arch_kwargs(spec.arch_kwargs, spec.input_channels, spec.num_classes)
+            raise ModelError(
+                f"not a valid ArchSpec ({e!r})", "re-create the model with weightzoo", source
+            ) from None
+        check_arch_kwargs(spec.arch_kwargs, spec.input_channels, spec.num_classes, source)
         return spec
 
     def to_dict(self) -> dict[str, Any]:
@@ -154,11 +158,14 @@ MAX_STAGES, MAX_FEATURES, MAX_CONVS, MAX_KERNEL, MAX_IO = 10, 4096, 8, 15, 256
 ARCH_KEYS = set(_unet_kwargs([1], 1, 0.5)) | {"deep_supervision"}
 
 
-def check_arch_kwargs(kw: Any, input_channels: int = 1, num_classes: int = 1) -> None:
-    """A one-line ModelError unless `kw` is a PlainConvUNet block we can build within the caps."""
+def check_arch_kwargs(
+    kw: Any, input_channels: int = 1, num_classes: int = 1, source: str | Path | None = None
+) -> None:
+    """A one-line ModelError (naming `source`) unless `kw` is a PlainConvUNet block we can build
+    within the caps."""
 
     def bad(what: str) -> ModelError:
-        return ModelError(f"arch_kwargs: {what}", "fix the architecture in model.json / plans.json")
+        return ModelError(f"arch_kwargs: {what}", "fix the architecture block of the file", source)
 
     def ints(v: Any, n: int | None, lo: int, hi: int, name: str) -> list[int]:
         if not isinstance(v, list) or (n is not None and len(v) != n):

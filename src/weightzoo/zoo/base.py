@@ -119,7 +119,7 @@ def load_base(folder: str | Path) -> BaseNet:
 
 def base_from_bytes(weights: bytes, meta: dict[str, Any], source: str = "base") -> BaseNet:
     """A BaseNet from its safetensors bytes and model.json (how a zoo keeps it)."""
-    spec = ArchSpec.from_dict(meta["arch"])
+    spec = ArchSpec.from_dict(meta["arch"], source)
     try:
         loaded = safetensors_load(weights)  # key order is not stable across processes: sort it
         state = {k: loaded[k].float() for k in sorted(loaded)}

@@ -229,10 +229,7 @@ def spec_from_plans(
             "dataset.json has no 'channel_names'", "use the dataset.json nnU-Net trained with", source
         )
     heads, _, _ = output_heads(dataset_json)
-    try:
-        check_arch_kwargs(kwargs, len(channels), len(heads))
-    except ModelError as e:
-        raise ModelError(e.what, "use the plans.json nnU-Net trained with", source) from None
+    check_arch_kwargs(kwargs, len(channels), len(heads), source)
     return ArchSpec(kwargs, input_channels=len(channels), num_classes=len(heads))
 
 
