@@ -331,8 +331,7 @@ def train_batched(
                 )
             with phase("commit"):
                 for m, ev in zip(which, evs, strict=True):
-                    state = {n: t[m] for n, t in runs.params.items()}
-                    sink(pending(plans[m], step, state, ev, time.perf_counter() - t0, "batched"))
+                    sink(pending(plans[m], step, runs.run_state(m), ev, time.perf_counter() - t0, "batched"))
 
         save_now(0)
         for step in range(last):
