@@ -97,6 +97,33 @@ def register(app: typer.Typer) -> None:
 
         _run(import_wbc, src, out, size=size, limit=limit, dataset_id=dataset_id)
 
+    @data_app.command("import-axondeepseg")
+    def import_axondeepseg_cmd(
+        srcs: list[Path] = typer.Argument(..., help="AxonDeepSeg BIDS folder(s): SEM and/or TEM."),
+        out: Path = typer.Option(..., "--out", "-o", help="Folder to create DatasetXXX_AxonEM in."),
+        tile: int = typer.Option(256, min=16, help="Cut each image into TILE x TILE px crops."),
+        size: int = typer.Option(64, min=8, help="Resize every crop to SIZE x SIZE."),
+        dataset_id: int = typer.Option(None, "--id", help="nnU-Net dataset id (default: next free >= 501)."),
+    ) -> None:
+        """Import AxonDeepSeg SEM/TEM (sites = modality; tasks axon, myelin, axonmyelin)."""
+        from weightzoo.data.import_microscopy import import_axondeepseg
+
+        _run(import_axondeepseg, srcs, out, tile=tile, size=size, dataset_id=dataset_id)
+
+    @data_app.command("import-dsb2018")
+    def import_dsb2018_cmd(
+        src: Path = typer.Argument(..., help="dsb2018_nuclei folder (images/, labels/)."),
+        out: Path = typer.Option(..., "--out", "-o", help="Folder to create DatasetXXX_DSB2018 in."),
+        tile: int = typer.Option(256, min=16, help="Cut each image into TILE x TILE px crops."),
+        size: int = typer.Option(64, min=8, help="Resize every crop to SIZE x SIZE."),
+        per_site: int = typer.Option(None, min=1, help="Import only the first N images of each site."),
+        dataset_id: int = typer.Option(None, "--id", help="nnU-Net dataset id (default: next free >= 501)."),
+    ) -> None:
+        """Import DSB 2018 nuclei (task nucleus; site = acquisition type: modality x image size)."""
+        from weightzoo.data.import_microscopy import import_dsb2018
+
+        _run(import_dsb2018, src, out, tile=tile, size=size, per_site=per_site, dataset_id=dataset_id)
+
     def _folder_command(default_suffix: str, default_task: str, nifti: bool) -> Callable[..., None]:
         def command(
             src: Path = typer.Argument(..., help="Folder searched recursively for images and masks."),
