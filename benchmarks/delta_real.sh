@@ -64,6 +64,7 @@ echo "generate eval done at $(( $(date +%s) - t0 )) s"
 here=$(dirname "$0")
 for s in "${UNSEEN[@]}"; do
   python "$here/finetune_site.py" --base "$W/base" --dataset "$DS" --site "$s" --tasks "$TASKS" \
-    --steps 100 --seeds 5
+    --steps 100 --seeds 5 | tee "$W/labelled_$s.txt"
 done
 echo "total $(( $(date +%s) - t0 )) s"
+python "$here/delta_real_tables.py" "$W"

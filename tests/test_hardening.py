@@ -328,3 +328,26 @@ def test_limit_0_is_a_usage_error(cmd: list[str], tmp_path: Path, capsys) -> Non
     rc = main([*cmd, "--limit", "0"])
     err = capsys.readouterr().err.strip()
     assert rc == 2 and "--limit" in err and len(err.splitlines()) == 1, err
+
+
+def test_a_task_absent_from_every_training_mask_is_an_error(
+    tiny_phantom_dataset, tmp_path: Path, capsys
+) -> None:
+    """A task label value that no training mask holds would train to Dice 0 with exit 0."""
+    import json
+    import shutil
+
+    from weightzoo.cli import main
+
+    root = tmp_path / tiny_phantom_dataset.root.name
+    shutil.copytree(tiny_phantom_dataset.root, root)
+    meta = json.loads((root / "dataset.json").read_text())
+    meta["labels"]["ghost"] = 9
+    meta["tasks"]["ghost"] = [9]
+    (root / "dataset.json").write_text(json.dumps(meta))
+    out = tmp_path / "model"
+    argv = ["train", "--dataset", str(root), "--task", "ghost", "--preset", "tiny", "--steps", "2"]
+    rc = main([*argv, "--size", "32", "--out", str(out), "--no-progress"])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and len(err.splitlines()) == 1 and "task 'ghost'" in err and "dataset.json" in err, err
+    assert not (out / "model.json").exists()

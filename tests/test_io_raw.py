@@ -179,7 +179,7 @@ def test_splits_created_when_absent_and_rejected_when_corrupt(tmp_path):
     assert sum(len(v) for v in RawDataset.open(ds.root).splits().values()) == 3
     assert (ds.root / SPLITS_FILE).exists()
     (ds.root / SPLITS_FILE).write_text(json.dumps({"train": []}))
-    with pytest.raises(InputError, match="lacks one of"):
+    with pytest.raises(InputError, match="'val' is a required property"):
         ds.splits()
     (ds.root / SPLITS_FILE).write_text("{not json")
     with pytest.raises(InputError, match="not valid JSON"):
@@ -227,7 +227,7 @@ def test_open_errors(tmp_path):
     (tmp_path / "D" / "dataset.json").write_text(
         json.dumps({"labels": {"background": 0}, "file_ending": ".png"})
     )
-    with pytest.raises(InputError, match="lacks 'channel_names'"):
+    with pytest.raises(InputError, match="'channel_names' is a required property"):
         RawDataset.open(tmp_path / "D")
     ds = _dataset(tmp_path, {"S1": 3}, cases_per_subject=1)
     (ds.root / "imagesTr" / "S1_0_0_0000.png").unlink()

@@ -362,3 +362,26 @@ def test_demo_zoo_adds_best_checkpoints_and_curves(tiny_phantom_dataset, tmp_pat
     html = rep.write().read_text()
     assert "Best checkpoint per task" in html and res["best"]["cord"]["ckpt_id"] in html
     assert (tmp_path / "figures" / "zoo_val_dice.png").is_file()
+
+
+def test_a_diverging_zoo_run_stops_the_build_with_one_line(
+    tiny_phantom_dataset, tmp_path: Path, capsys
+) -> None:
+    """lr 1e30 makes the weights non-finite: exit 2 naming the run and the fix; no NaN is stored."""
+    grid = {**GRID, "tasks": ["cord"], "sites": ["A"], "seeds": 1, "lr": 1e30}
+    (tmp_path / "grid.yaml").write_text(yaml.safe_dump(grid))
+    argv = [
+        "zoo",
+        "build",
+        "--dataset",
+        str(tiny_phantom_dataset.root),
+        "--grid",
+        str(tmp_path / "grid.yaml"),
+    ]
+    rc = main([*argv, "--zoo", str(tmp_path / "zoo"), "--no-progress"])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and len(err.splitlines()) == 1 and "diverged at step" in err and "lr" in err, err
+    zoo = Zoo(tmp_path / "zoo")
+    for ck in zoo.checkpoints():
+        assert all(torch.isfinite(v).all() for v in zoo.load(ck).values())
+    assert zoo.runs(status="done") == []

@@ -47,10 +47,19 @@ def read_json(path: str | Path, what: str = "JSON file") -> Any:
 
 
 def read_folder_description(
-    folder: str | Path, filename: str, fmt: str, made_by: str, kind: str, required: tuple[str, ...] = ()
+    folder: str | Path,
+    filename: str,
+    fmt: str,
+    made_by: str,
+    kind: str,
+    required: tuple[str, ...] = (),
+    schema: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Read `folder/filename` (model.json, heads.json, generator.json) and check its `format` tag and
-    required keys; one-line ModelError naming the file and the command that writes such a folder."""
+    """Read `folder/filename` (model.json, heads.json, generator.json), check its `format` tag and
+    required keys (one-line ModelError naming the file and the command that writes such a folder),
+    then its schema (`weightzoo.schemas`; default: the envelope every folder description shares)."""
+    from weightzoo.schemas import FOLDER_JSON, validate
+
     folder = Path(folder)
     if not folder.is_dir():
         raise ModelError(f"{kind} folder not found", f"give the folder written by `{made_by}`", folder)
@@ -63,7 +72,8 @@ def read_folder_description(
             f"use a folder written by `{made_by}`",
             folder / filename,
         )
-    return meta
+    fix = f"re-create the folder with `{made_by}` (or undo the edit)"
+    return validate(meta, schema or FOLDER_JSON, folder / filename, fix)
 
 
 def plain_name(name: object, what: str, source: str | Path | None = None) -> str:

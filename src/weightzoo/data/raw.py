@@ -25,6 +25,7 @@ import numpy as np
 
 from weightzoo.errors import InputError, UnknownNameError
 from weightzoo.fileio import atomic_write_json, read_json
+from weightzoo.schemas import DATASET_JSON, SPLITS_JSON, validate
 
 SPLITS_FILE = "weightzoo_splits.json"
 SPLIT_NAMES = ("train", "val", "test")
@@ -57,13 +58,20 @@ class RawDataset:
                 "give an nnU-Net raw folder DatasetXXX_Name (see `weightzoo data --help`)",
                 root,
             )
-        meta = read_json(root / "dataset.json", "dataset.json")
-        for key in ("channel_names", "labels", "file_ending"):
-            if key not in meta:
+        path = root / "dataset.json"
+        meta = validate(
+            read_json(path, "dataset.json"),
+            DATASET_JSON,
+            path,
+            "fix the file: it must follow nnU-Net v2's dataset.json format (docs/data.md)",
+        )
+        defined = {v for vs in meta["labels"].values() for v in (vs if isinstance(vs, list) else [vs])}
+        for task, values in meta.get("tasks", {}).items():
+            if missing := [v for v in values if v not in defined or v == 0]:
                 raise InputError(
-                    f"dataset.json lacks '{key}'",
-                    "it must follow nnU-Net v2's dataset.json format",
-                    root / "dataset.json",
+                    f"task '{task}' uses label value {missing[0]}, which is background or not in 'labels'",
+                    "give each task foreground label values listed under 'labels'",
+                    path,
                 )
         return cls(root, meta)
 
@@ -165,17 +173,12 @@ class RawDataset:
                     stacklevel=2,
                 )
                 return {k: list(default[k]) for k in SPLIT_NAMES}
-        s = read_json(path, SPLITS_FILE)
-        if not all(k in s for k in SPLIT_NAMES):
-            raise InputError(
-                f"{SPLITS_FILE} lacks one of {SPLIT_NAMES}", "delete it to re-create the default split", path
-            )
-        if not all(isinstance(s[k], list) and all(isinstance(x, str) for x in s[k]) for k in SPLIT_NAMES):
-            raise InputError(
-                f"{SPLITS_FILE}: each of {SPLIT_NAMES} must be a list of subject names",
-                "fix the file or delete it to re-create the default split",
-                path,
-            )
+        s = validate(
+            read_json(path, SPLITS_FILE),
+            SPLITS_JSON,
+            path,
+            "give train/val/test lists of subject names, or delete the file to re-create the default split",
+        )
         seen: dict[str, str] = {}
         for k in SPLIT_NAMES:
             for subject in s[k]:

@@ -75,9 +75,10 @@ class DeltaGenerator:
                 "not a delta generator", "use `weightzoo generate sample` options of its kind", folder
             )
         tensors, _ = read_state(folder / GEN_WEIGHTS)
+        described = folder / "generator.json"
         try:
             base = base_from_bytes(
-                (folder / BASE_FILE).read_bytes(), meta["base_model"], str(folder / BASE_FILE)
+                (folder / BASE_FILE).read_bytes(), meta["base_model"], str(folder / BASE_FILE), str(described)
             )
         except OSError as e:
             raise ModelError(
@@ -85,13 +86,22 @@ class DeltaGenerator:
             ) from None
         if base.base_id != meta["base_id"]:
             raise ModelError(
-                "the generator's base file is not the one it was trained on", "re-run training", folder
+                f"{BASE_FILE} is not the base generator.json names (base_id)",
+                "re-run `weightzoo generate train`",
+                described,
             )
         cfg = meta["config"]
         model = DeltaDenoiser(
             int(meta["numel"]), len(meta["tasks"]), int(meta["emb_dim"]), cfg["hidden"], cfg["depth"]
         )
-        model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
+        try:
+            model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
+        except RuntimeError:  # sizes in generator.json (numel, tasks, emb_dim, hidden, depth) were edited
+            raise ModelError(
+                f"generator.json's sizes do not match {GEN_WEIGHTS}",
+                "re-run `weightzoo generate train` (or undo the edit)",
+                described,
+            ) from None
         return cls(folder, meta, model, tensors, base)
 
     # ---- conditions ---------------------------------------------------------------------------------

@@ -347,7 +347,11 @@ def read_state(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
 
 
 def read_generator_json(folder: str | Path) -> dict[str, Any]:
-    return read_folder_description(folder, GEN_JSON, GEN_FORMAT, "weightzoo generate train", "generator")
+    from weightzoo.schemas import GENERATOR_JSON
+
+    return read_folder_description(
+        folder, GEN_JSON, GEN_FORMAT, "weightzoo generate train", "generator", schema=GENERATOR_JSON
+    )
 
 
 def build_model(meta: dict[str, Any]) -> tuple[ParamDiffusion, TaskLayout]:

@@ -325,6 +325,15 @@ def _check_slices(train: SliceSet, val: SliceSet | None, cfg: TrainConfig) -> No
                 f"{name} slices have {s.images.shape[1]} channels / {s.labels.shape[1]} tasks",
                 "use one dataset",
             )
+    # A task whose label values appear in no training mask would train to an all-background net
+    # (Dice 0) with exit 0: usually a wrong label value in dataset.json's `tasks`.
+    present = np.asarray(train.labels).reshape(len(train), len(cfg.tasks), -1).max(axis=(0, 2))  # [K]
+    for k, task in enumerate(cfg.tasks):
+        if not present[k]:
+            raise InputError(
+                f"task '{task}': its label values appear in none of the {len(train.cases())} training cases",
+                "check the task's label values in dataset.json (`weightzoo data info`) and the sites chosen",
+            )
 
 
 def train_on_slices(

@@ -114,12 +114,15 @@ def load_base(folder: str | Path) -> BaseNet:
         raise ModelError(
             f"cannot read the base's weights ({e})", "re-run `weightzoo base train`", wpath
         ) from None
-    return base_from_bytes(weights, meta, str(wpath))
+    return base_from_bytes(weights, meta, str(wpath), str(folder / "model.json"))
 
 
-def base_from_bytes(weights: bytes, meta: dict[str, Any], source: str = "base") -> BaseNet:
-    """A BaseNet from its safetensors bytes and model.json (how a zoo keeps it)."""
-    spec = ArchSpec.from_dict(meta["arch"], source)
+def base_from_bytes(
+    weights: bytes, meta: dict[str, Any], source: str = "base", meta_source: str | None = None
+) -> BaseNet:
+    """A BaseNet from its safetensors bytes and model.json (how a zoo keeps it). Errors in the
+    weights name `source`; errors in the description name `meta_source` (default: `source`)."""
+    spec = ArchSpec.from_dict(meta["arch"], meta_source or source)
     try:
         loaded = safetensors_load(weights)  # key order is not stable across processes: sort it
         state = {k: loaded[k].float() for k in sorted(loaded)}

@@ -23,7 +23,7 @@ import torch
 
 from weightzoo.data.raw import RawDataset
 from weightzoo.data.slices import Preprocessing
-from weightzoo.errors import InputError
+from weightzoo.errors import InputError, ModelError
 from weightzoo.segmenter import resolve_device
 from weightzoo.train.loop import progress_bar
 from weightzoo.zoo.batched import batchable, choose_mode, group_key, train_batched
@@ -64,6 +64,13 @@ class CheckpointWriter:
         self.committed = 0
 
     def __call__(self, ck: PendingCheckpoint) -> None:
+        if not all(bool(torch.isfinite(v).all()) for v in ck.state.values()):
+            self.flush()  # what the other runs reached is kept: the rebuild resumes from it
+            raise ModelError(
+                f"zoo run {ck.run_id} diverged at step {ck.step} (non-finite weights); nothing of this "
+                "checkpoint was stored, the run's earlier checkpoints were kept",
+                "lower the grid's lr (or check the data), then build again",
+            )
         self.buffers.setdefault(ck.run_id, []).append(ck)
         self.nbytes += sum(v.numel() * v.element_size() for v in ck.state.values())
         if ck.step == self.plans[ck.run_id].config.steps:
