@@ -45,6 +45,7 @@ COMMAND_MODULES = (
     "generate",
     "heads",
     "incontext",
+    "prune",
     "demo",
 )
 

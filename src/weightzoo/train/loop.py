@@ -36,7 +36,7 @@ from weightzoo.data.raw import RawDataset
 from weightzoo.data.slices import Preprocessing, SliceSet, load_slices
 from weightzoo.errors import InputError, ModelError
 from weightzoo.fileio import atomic_write_json, read_json
-from weightzoo.nets.unet import ArchSpec, build_network
+from weightzoo.nets.unet import ArchSpec, build_network, load_real_state_dict
 from weightzoo.segmenter import (
     MODEL_JSON,
     MODEL_WEIGHTS,
@@ -64,6 +64,7 @@ __all__ = [
     "LOG_JSON",
     "OPTIMIZERS",
     "RUN_ONLY_KEYS",
+    "StartFrom",
     "TrainConfig",
     "TrainResult",
     "load_config_file",
@@ -75,6 +76,38 @@ LOG_JSON = "log.json"
 # Random streams of one step: step_generator(seed, step, STREAM_*). Shared with the zoo's trainers, so a
 # zoo run and `weightzoo train` with the same config draw the same batches.
 STREAM_DATA, STREAM_AUGMENT, STREAM_TORCH = 0, 1, 2
+
+
+@dataclass(frozen=True)
+class StartFrom:
+    """Fine-tune from given weights instead of a seeded init (e.g. a pruned network).
+
+    spec/state: the network to start from (its own ArchSpec: a structurally pruned net is smaller
+    than any preset). keep_zero: weights that are exactly zero in `state` (pruning masks) get zero
+    gradients and stay zero through every optimizer step.
+    """
+
+    spec: ArchSpec
+    state: dict[str, torch.Tensor]
+    keep_zero: bool = False
+
+    def fingerprint(self) -> str:
+        h = hashlib.sha256(json.dumps([self.spec.hash(), self.keep_zero]).encode())
+        for k in sorted(self.state):
+            h.update(k.encode())
+            h.update(self.state[k].detach().cpu().contiguous().numpy().tobytes())
+        return h.hexdigest()[:16]
+
+    def build(self, device: torch.device) -> tuple[torch.nn.Module, dict[str, torch.Tensor]]:
+        """The network on `device`, and {param name: 0/1 mask} of the weights kept at zero."""
+        net = load_real_state_dict(build_network(self.spec), self.state).to(device)
+        masks: dict[str, torch.Tensor] = {}
+        if self.keep_zero:
+            for name, p in net.named_parameters():
+                if p.dim() > 1 and not bool((p != 0).all()):
+                    masks[name] = (p != 0).to(p.dtype)
+                    p.register_hook(lambda g, m=masks[name]: g * m)
+        return net, masks
 
 
 @dataclass
@@ -347,6 +380,8 @@ def train_on_slices(
     info: dict[str, Any] | None = None,
     force: bool = False,
     stop_after: int | None = None,
+    start: StartFrom | None = None,
+    route: str = "train",
 ) -> TrainResult:
     """Train a PlainConvUNet (K sigmoid outputs) on `train`, validating on `val`; write a model folder.
 
@@ -354,16 +389,27 @@ def train_on_slices(
     resume: continue from out_dir's checkpoint of the same run (False: start again from step 0).
     force: overwrite whatever out_dir holds (another run's checkpoint or a finished model).
     stop_after: stop (as if killed) once this many steps are done, without finishing — for tests.
+    start: fine-tune these weights (cfg.preset and cfg.seed's init are then not used for the net).
+    route: the model.json route of the result (e.g. "prune" for a fine-tuned pruned network).
     If out_dir already holds this finished run, nothing is trained (`skipped=True`).
     """
     out_dir = Path(out_dir)
     _check_slices(train, val, cfg)
-    spec = ArchSpec.preset(
-        cfg.preset, input_channels=train.images.shape[1], num_classes=len(cfg.tasks), dropout=cfg.dropout
+    spec = (
+        start.spec
+        if start is not None
+        else ArchSpec.preset(
+            cfg.preset, input_channels=train.images.shape[1], num_classes=len(cfg.tasks), dropout=cfg.dropout
+        )
     )
-    identity = json.loads(
-        json.dumps({"config": cfg.identity(), "arch_hash": spec.hash(), "data_hash": slices_hash(train)})
-    )
+    ident: dict[str, Any] = {
+        "config": cfg.identity(),
+        "arch_hash": spec.hash(),
+        "data_hash": slices_hash(train),
+    }
+    if start is not None:
+        ident["start"] = start.fingerprint()
+    identity = json.loads(json.dumps(ident))
     device = resolve_device(cfg.device)
 
     # What does out_dir already hold?
@@ -404,7 +450,11 @@ def train_on_slices(
     out_dir.mkdir(parents=True, exist_ok=True)
 
     with determinism(device, cfg.deterministic):
-        net = build_network(spec, seed=cfg.seed).to(device)
+        masks: dict[str, torch.Tensor] = {}
+        if start is not None:
+            net, masks = start.build(device)
+        else:
+            net = build_network(spec, seed=cfg.seed).to(device)
         if cfg.channels_last:
             net = net.to(memory_format=torch.channels_last)
         optimizer = make_optimizer(net, cfg)
@@ -480,6 +530,11 @@ def train_on_slices(
                     xb = xb.contiguous(memory_format=torch.channels_last)
                 torch.manual_seed(step_seed(cfg.seed, step, STREAM_TORCH))  # dropout
                 loss = train_step(net, optimizer, loss_fn, xb, yb, amp, cfg.grad_clip)
+                if masks:  # zero gradients keep them at zero already; this guards against any drift
+                    with torch.no_grad():
+                        for name, p in net.named_parameters():
+                            if name in masks:
+                                p.mul_(masks[name])
                 loss_sum += float(loss)
                 loss_n += 1
                 done = step + 1
@@ -520,7 +575,7 @@ def train_on_slices(
         total = seconds()
         run_info["resumed_from"] = start
         run_info["final"] = history_to_json(history[-1:])[0] if history else {}
-        save_model(out_dir, net, spec, cfg.tasks, train.preprocessing, total, route="train", info=run_info)
+        save_model(out_dir, net, spec, cfg.tasks, train.preprocessing, total, route=route, info=run_info)
         atomic_write_json(out_dir / LOG_JSON, {"config": cfg.to_dict(), "history": history_to_json(history)})
         for name in (CKPT_WEIGHTS, CKPT_JSON):  # the model folder is the result; checkpoints are spent
             (out_dir / name).unlink(missing_ok=True)
@@ -537,6 +592,9 @@ def train_model(
     progress: bool = True,
     force: bool = False,
     stop_after: int | None = None,
+    start: StartFrom | None = None,
+    route: str = "train",
+    info: dict[str, Any] | None = None,
 ) -> TrainResult:
     """Train on a RawDataset's train split (by subject) of `sites`, validate on its val split.
 
@@ -558,6 +616,7 @@ def train_model(
     train = load_slices(ds, cfg.tasks, prep=prep, cases=train_cases)
     val = load_slices(ds, cfg.tasks, prep=prep, cases=val_cases) if val_cases else None
     info = {
+        **(info or {}),
         "dataset": ds.name,
         "dataset_path": str(ds.root),
         "split": {
@@ -567,5 +626,5 @@ def train_model(
         "cases": {"train": train_cases, "val": val_cases},
     }
     return train_on_slices(
-        train, val, cfg, out_dir, resume, progress, sites or ds.sites(), info, force, stop_after
+        train, val, cfg, out_dir, resume, progress, sites or ds.sites(), info, force, stop_after, start, route
     )
