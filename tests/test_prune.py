@@ -263,6 +263,24 @@ def test_prune_cli_run_bench_and_errors(
         (["--method", "global-gradient", "--ratio", "4"], "add --dataset"),
         (["--method", "global-magnitude", "--ratio", "4", "--finetune-steps", "5"], "add --dataset"),
     ]
+    assert (
+        main(
+            [
+                "prune",
+                "run",
+                "-m",
+                str(tiny_model),
+                "-o",
+                str(tiny_model),
+                "--method",
+                "random",
+                "--ratio",
+                "2",
+            ]
+        )
+        == 2
+    )
+    assert "holds another model" in capsys.readouterr().err  # the source model is never overwritten
     for extra, message in bad:
         code = main(["prune", "run", "-m", str(tiny_model), "-o", str(tmp_path / "x"), *extra])
         err = capsys.readouterr().err

@@ -28,8 +28,8 @@ from weightzoo.segmenter import NetSegmenter
 from weightzoo.train.loop import TrainConfig, TrainResult, train_model
 
 DEMO_TASKS = ("cord", "gm", "canal", "lesion")
-ROUTES = ("zoo", "delta", "generate", "heads", "incontext")
-DEFAULT_ROUTES = ("zoo", "delta", "heads", "incontext")  # "generate" (G.pt-style) on request
+ROUTES = ("zoo", "delta", "generate", "heads", "incontext", "prune")
+DEFAULT_ROUTES = ("zoo", "delta", "heads", "incontext", "prune")  # "generate" (G.pt-style) on request
 
 
 @dataclass
@@ -55,7 +55,7 @@ class DemoSettings:
         ("generate", 30.0),
         ("heads", 30.0),
         ("incontext", 10.0),
-    )
+    )  # prune: fixed 30 fine-tuning steps per method (~15 s)
 
 
 def _stats(
@@ -183,6 +183,11 @@ def _run_routes(rep: Report, out: Path, ds: RawDataset, s: DemoSettings, log: An
             from weightzoo.incontext.demo import demo_incontext
 
             done["incontext"] = demo_incontext(out, rep, log, budget["incontext"])
+        elif route == "prune":
+            from weightzoo.prune.demo import demo_prune
+
+            task = "cord" if "cord" in s.tasks else s.tasks[0]
+            done["prune"] = demo_prune(out, ds, out / "models" / task, s.train_site, rep, log)
         else:
             raise UnknownNameError("demo route", route, ROUTES)
         log(f"{route}: {time.perf_counter() - t0:.0f}s")

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from weightzoo.data.slices import SliceSet
-from weightzoo.errors import InputError, UnknownNameError
+from weightzoo.errors import InputError, ModelError, UnknownNameError
 from weightzoo.nets.unet import build_network, load_real_state_dict, real_state_dict
 from weightzoo.prune.metrics import measure
 from weightzoo.prune.strategies import STRATEGIES, apply_masks, gradients
@@ -147,6 +147,16 @@ def save_pruned(
     )
 
 
+def _refuse_other_model(out: Path, recipe: PruneRecipe) -> None:
+    """Never overwrite a folder holding another model (the same recipe is re-written identically)."""
+    from weightzoo.segmenter import MODEL_JSON, read_model_json
+
+    if (out / MODEL_JSON).exists():
+        held = read_model_json(out).get("info", {}).get("prune", {}).get("recipe")
+        if held != recipe.to_dict():
+            raise ModelError("the folder holds another model", "use another --out, or delete it first", out)
+
+
 def finetune_config(seg: NetSegmenter, recipe: PruneRecipe, device: str = "auto") -> Any:
     """The TrainConfig of a pruned network's fine-tune: the model's preprocessing, the recipe's budget."""
     from weightzoo.train.config import TrainConfig
@@ -192,6 +202,7 @@ def prune_and_finetune(
     spec, net = prune_network(seg, recipe, train)
     info = prune_info(recipe, seg, net, timing)
     if not recipe.finetune_steps:
+        _refuse_other_model(Path(out), recipe)
         save_pruned(out, seg, spec, net, info)
         return load_model(out, device), info
     state = {k: v.detach().cpu().clone() for k, v in real_state_dict(net).items()}
