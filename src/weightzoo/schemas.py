@@ -65,6 +65,7 @@ DATASET_JSON: dict[str, Any] = {
         },
         "sites": {"type": "object", "additionalProperties": PLAIN_NAME},
         "subjects": {"type": "object", "additionalProperties": PLAIN_NAME},
+        "raters": {"type": "integer", "minimum": 0, "maximum": 64},
         "name": {"type": "string"},
     },
     # nnU-Net's format has optional keys of its own (regions_class_order, overwrite_image_reader_writer,

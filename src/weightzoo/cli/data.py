@@ -78,11 +78,14 @@ def register(app: typer.Typer) -> None:
         seed: int = typer.Option(0, help="Random seed (same seed, same dataset)."),
         dataset_id: int = typer.Option(None, "--id", help="nnU-Net dataset id (default: next free >= 501)."),
         name: str = typer.Option("Phantom", help="Dataset name."),
+        raters: int = typer.Option(
+            0, min=0, max=64, help="Extra annotations per case (boundary jitter, lesions left out) for GED."
+        ),
     ) -> None:
         """Generate synthetic spinal-cord phantoms (tasks cord, gm, canal, lesion; several sites)."""
         from weightzoo.data.synth import make_phantom_dataset
 
-        _run(make_phantom_dataset, out, sites, subjects, size, slices, seed, dataset_id, name)
+        _run(make_phantom_dataset, out, sites, subjects, size, slices, seed, dataset_id, name, raters)
 
     @data_app.command("import-wbc")
     def import_wbc_cmd(

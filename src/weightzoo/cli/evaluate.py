@@ -17,7 +17,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from weightzoo.data.raw import SPLIT_NAMES, RawDataset
-from weightzoo.errors import UnknownNameError
+from weightzoo.errors import InputError, UnknownNameError
 from weightzoo.evaluate.summary import evaluate_segmenter, summary_line, write_summary
 from weightzoo.heads import evaluate_headed, is_heads_folder, load_any_model
 from weightzoo.segmenter import MODEL_JSON, load_model
@@ -86,6 +86,14 @@ def register(app: typer.Typer) -> None:
             None, "-o", "--out", help="summary .json file or folder (default: MODEL/eval_SPLIT/)."
         ),
         device: str = typer.Option("auto", "--device", help="auto | cpu | cuda."),
+        uncertainty: str | None = typer.Option(
+            None,
+            "--uncertainty",
+            help="Also score uncertainty from mc:T (MC dropout), tta:T or zoo:K (needs --zoo and one --site): "
+            "calibration (ECE/ACE/MCE, Brier, NLL, also in a boundary band), AUROC, UEO (docs/uncertainty.md).",
+        ),
+        zoo: Path | None = typer.Option(None, "--zoo", help="Zoo for --uncertainty zoo:K."),
+        seed: int = typer.Option(0, "--seed", help="Seed of MC-dropout sampling."),
     ) -> None:
         """Evaluate a model per case (Dice, IoU, HD95; nnU-Net rules) and write summary.json."""
         if split not in (*SPLIT_NAMES, "all"):
@@ -111,7 +119,30 @@ def register(app: typer.Typer) -> None:
                 summary = evaluate_headed(model, ds, device=device, **kwargs)
             else:
                 summary = evaluate_segmenter(seg, ds, **kwargs)
+        if uncertainty is not None:
+            from weightzoo.uncertainty.evaluate import evaluate_uncertainty
+            from weightzoo.uncertainty.sources import make_source
+
+            if heads:
+                raise InputError(
+                    "--uncertainty works on model folders, not heads folders", "drop --uncertainty"
+                )
+            one_site = site[0] if site and len(site) == 1 else None
+            source = make_source(uncertainty, seg, seed, zoo, one_site)
+            with err.status(f"sampling {uncertainty}…"):
+                summary["uncertainty"] = evaluate_uncertainty(
+                    seg, source, ds, None if split == "all" else split, site or None, task or None
+                )
         path = write_summary(summary, summary_path(model, split, out))
         console = Console()
         console.print(summary_table(summary))
+        if uncertainty is not None:
+            u = summary["uncertainty"]["mean"]
+            for t, m in u.items():
+                console.print(
+                    f"{escape(t)} · {escape(uncertainty)}: Dice {m['dice']:.3f} · ECE {m['ece']:.4f} "
+                    f"(boundary band {m['ece_band']:.4f}) · Brier {m['brier']:.4f} · AUROC {m['auroc']:.3f} "
+                    f"· UEO {m['ueo']:.3f}",
+                    highlight=False,
+                )
         console.print(f"[green]wrote[/] {escape(str(path))}", highlight=False, soft_wrap=True)

@@ -40,9 +40,14 @@ def output_paths(out: Path, tasks: list[str], one_file: bool) -> dict[str, Path]
     """{task: path}: `out` itself for one task, else `out` with `_TASK` before its extension."""
     if one_file:
         return {tasks[0]: out}
-    end = file_ending(out)
-    stem = out.name[: -len(end)] if end and out.name.lower().endswith(end) else out.name
-    return {t: out.with_name(f"{stem}_{t}{out.name[len(stem) :]}") for t in tasks}
+    return {t: with_suffix_before_ending(out, f"_{t}") for t in tasks}
+
+
+def with_suffix_before_ending(path: Path, suffix: str) -> Path:
+    """out.nii.gz + '_entropy' -> out_entropy.nii.gz."""
+    end = file_ending(path)
+    stem = path.name[: -len(end)] if end and path.name.lower().endswith(end) else path.name
+    return path.with_name(f"{stem}{suffix}{path.name[len(stem) :]}")
 
 
 def _check_output(out: Path, image: Image) -> None:
@@ -66,8 +71,12 @@ def segment_file(
     task: str | None = None,
     device: str = "auto",
     site: str | None = None,
+    uncertainty: str | None = None,
+    zoo: Path | None = None,
+    seed: int = 0,
 ) -> dict[str, Path]:
-    """Segment one image file; returns {task: written file}. See the module docstring."""
+    """Segment one image file; returns {task: written file} (plus {task_MAP: file} for each
+    uncertainty map). See the module docstring."""
     if largest and thr == 0:
         raise InputError(
             "--largest needs a binary mask, but -thr 0 asks for probabilities",
@@ -86,14 +95,35 @@ def segment_file(
     tasks = [task] if task is not None else list(seg.tasks)
     out = out or default_output(Path(image_path))
     paths = output_paths(out, tasks, one_file=task is not None or len(seg.tasks) == 1)
+    source = None
+    if uncertainty is not None:
+        from weightzoo.uncertainty.maps import MAPS
+        from weightzoo.uncertainty.sources import SampledSegmenter, make_source
+
+        source = make_source(uncertainty, seg, seed, zoo, site)
+        for t in list(paths):
+            for m in MAPS:
+                paths[f"{t}_{m}"] = with_suffix_before_ending(paths[t], f"_{m}")
     inputs = [Path(image_path), *Path(model_dir).glob("*"), *Path(model_dir).glob("*/*")]
     for p in paths.values():
         check_output_file(p, inputs)
         _check_output(p, image)
     if qc_dir is not None:
         check_output_folder(qc_dir, "--qc folder")
-    probs = segment_image(seg, image)  # [K, *spatial] on the image grid (canonical for volumes)
+    if source is None:
+        probs = segment_image(seg, image)  # [K, *spatial] on the image grid (canonical for volumes)
+    else:  # every map on the image grid; the mask comes from the mean of the samples
+        maps_seg = SampledSegmenter(seg, source)
+        all_maps = segment_image(maps_seg, image)  # [K·4, *spatial]
+        for name, path in paths.items():
+            if name in maps_seg.tasks:
+                write_like(
+                    path, all_maps[maps_seg.tasks.index(name)].astype(np.float32), image, dtype=np.float32
+                )
+        probs = np.stack([all_maps[maps_seg.tasks.index(f"{t}_mean")] for t in seg.tasks])
     for t, path in paths.items():
+        if t not in seg.tasks:
+            continue  # an uncertainty map, written above
         p = probs[seg.tasks.index(t)]
         if thr == 0:
             write_like(path, p.astype(np.float32), image, dtype=np.float32)
@@ -144,15 +174,26 @@ def register(app: typer.Typer) -> None:
         site: str | None = typer.Option(
             None,
             "--site",
-            help="Site of the image: picks its head in a heads model (default: universal head).",
+            help="Site of the image: picks its head in a heads model (default: universal head); "
+            "the zoo site of --uncertainty zoo:K.",
         ),
+        uncertainty: str | None = typer.Option(
+            None,
+            "--uncertainty",
+            help="mc:T (MC dropout) | tta:T (flips/rotations) | zoo:K (--zoo, --site): also write OUT_mean, "
+            "OUT_var, OUT_entropy, OUT_mi maps on the input grid (docs/uncertainty.md).",
+        ),
+        zoo: Path | None = typer.Option(None, "--zoo", help="Zoo for --uncertainty zoo:K."),
+        seed: int = typer.Option(0, "--seed", help="Seed of MC-dropout sampling."),
     ) -> None:
         """Segment an image with a trained model; the mask lies exactly on the input's grid."""
-        written = segment_file(image, model, out, thr, largest, qc, task, device, site)
+        written = segment_file(
+            image, model, out, thr, largest, qc, task, device, site, uncertainty, zoo, seed
+        )
         console = Console()
         for t, p in written.items():
             console.print(
-                f"[green]wrote[/] {escape(str(p))}  ({escape(t)}{', probabilities' if thr == 0 else ''})",
+                f"[green]wrote[/] {escape(str(p))}  ({escape(t)}{', probabilities' if thr == 0 or '_' in t else ''})",
                 highlight=False,
                 soft_wrap=True,
             )

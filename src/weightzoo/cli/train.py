@@ -38,6 +38,11 @@ def register(app: typer.Typer) -> None:
         seed: int = typer.Option(None, help="Random seed; same seed, same weights. (default: 0)"),
         augment: float = typer.Option(None, help="Augmentation strength in [0, 1]; 0 = off. (default: 1)"),
         size: int = typer.Option(None, help="Slices are resized to SIZE x SIZE pixels. (default: 64)"),
+        dropout: float = typer.Option(
+            None,
+            help="Spatial dropout (nnU-Net's dropout_op) after every conv; enables segment/evaluate "
+            "--uncertainty mc:T. (default: 0)",
+        ),
         device: str = typer.Option(None, help="auto | cpu | cuda. (default: auto)"),
         out: Path = typer.Option(None, "--out", "-o", help="Model folder to write. (default: runs/<tasks>)"),
         config: Path = typer.Option(
@@ -67,6 +72,7 @@ def register(app: typer.Typer) -> None:
             seed=seed,
             augment=augment,
             device=device,
+            dropout=dropout,
             size=[size, size] if size is not None else None,
         )
         if task is not None:

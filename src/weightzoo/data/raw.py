@@ -28,6 +28,7 @@ from weightzoo.fileio import atomic_write_json, read_json
 from weightzoo.schemas import DATASET_JSON, SPLITS_JSON, validate
 
 SPLITS_FILE = "weightzoo_splits.json"
+RATERS_DIR = "labelsRaters"
 SPLIT_NAMES = ("train", "val", "test")
 DATASET_DIR_RE = re.compile(r"^Dataset(\d{3})_([A-Za-z0-9_\-]+)$")
 
@@ -101,6 +102,24 @@ class RawDataset:
             k: [int(v) for v in vs]
             for k, vs in self.meta.get("tasks", tasks_from_labels(self.meta["labels"])).items()
         }
+
+    @property
+    def n_raters(self) -> int:
+        """Extra annotations per case (`raters` in dataset.json): labelsRaters/<case>_r<k>, k = 1..n.
+        labelsTr is the reference annotation every metric other than GED uses."""
+        return int(self.meta.get("raters", 0))
+
+    def rater_label_file(self, case: str, rater: int) -> Path:
+        """Label file of annotation `rater` (0: labelsTr, the reference; 1..n_raters: labelsRaters)."""
+        if rater == 0:
+            return self.label_file(case)
+        if not 1 <= rater <= self.n_raters:
+            raise InputError(
+                f"annotation {rater} asked for; the dataset has {self.n_raters} extra rater(s)",
+                "give a rater in 0..n (dataset.json 'raters')",
+                self.root / "dataset.json",
+            )
+        return self.root / RATERS_DIR / f"{case}_r{rater}{self.file_ending}"
 
     def task_labels(self, task: str) -> list[int]:
         tasks = self.tasks
@@ -304,8 +323,10 @@ class RawDatasetWriter:
         site: str = "default",
         subject: str | None = None,
         affine: np.ndarray | None = None,
+        raters: Sequence[np.ndarray] = (),
     ) -> None:
-        """Add one case: `images` one array per file (3-D volume, or 2-D [H,W] / channel-first [3,H,W] for PNG)."""
+        """Add one case: `images` one array per file (3-D volume, or 2-D [H,W] / channel-first [3,H,W] for PNG);
+        `raters`: extra annotations of the case (labelsRaters/<case>_r1, _r2, ...), as many for every case."""
         from weightzoo.data.io import save_nifti, write_2d
 
         end = self.meta["file_ending"]
@@ -315,11 +336,22 @@ class RawDatasetWriter:
                 save_nifti(path, np.asarray(img, dtype=np.float32), affine)
             else:
                 write_2d(path, np.asarray(img))
-        lab_path = self.root / "labelsTr" / f"{case}{end}"
-        if end in (".nii.gz", ".nii"):
-            save_nifti(lab_path, np.asarray(label, dtype=np.uint8), affine)
-        else:
-            write_2d(lab_path, np.asarray(label, dtype=np.uint8))
+
+        def write_label(path: Path, lab: np.ndarray) -> None:
+            if end in (".nii.gz", ".nii"):
+                save_nifti(path, np.asarray(lab, dtype=np.uint8), affine)
+            else:
+                write_2d(path, np.asarray(lab, dtype=np.uint8))
+
+        write_label(self.root / "labelsTr" / f"{case}{end}", label)
+        if raters or "raters" in self.meta:
+            if self.meta.setdefault("raters", len(raters)) != len(raters):
+                raise ValueError(
+                    f"case {case}: {len(raters)} rater annotations, others have {self.meta['raters']}"
+                )
+            (self.root / RATERS_DIR).mkdir(exist_ok=True)
+            for k, lab in enumerate(raters, start=1):
+                write_label(self.root / RATERS_DIR / f"{case}_r{k}{end}", lab)
         self.meta["sites"][case] = site
         self.meta["subjects"][case] = subject or case
 

@@ -157,8 +157,9 @@ class SliceSet:
         return sorted({m["site"] for m in self.meta})
 
 
-def load_case(ds: RawDataset, case: str) -> tuple[Image, np.ndarray]:
-    """Read a case: image (all channels stacked [C, ...]) and its label map, grids checked."""
+def load_case(ds: RawDataset, case: str, rater: int = 0) -> tuple[Image, np.ndarray]:
+    """Read a case: image (all channels stacked [C, ...]) and its label map (annotation `rater`: 0 is
+    labelsTr), grids checked."""
     files = ds.image_files(case)
     first = read_image(files[0])
     arrays = [first.array]
@@ -169,7 +170,7 @@ def load_case(ds: RawDataset, case: str) -> tuple[Image, np.ndarray]:
         check_same_grid(first, other, f)
         arrays.append(other.array)
     first.array = np.concatenate(arrays, 0)
-    label = read_mask(ds.label_file(case), like=first)
+    label = read_mask(ds.rater_label_file(case, rater), like=first)
     return first, label
 
 
@@ -180,8 +181,10 @@ def load_slices(
     sites: Iterable[str] | None = None,
     prep: Preprocessing | None = None,
     cases: Sequence[str] | None = None,
+    rater: int = 0,
 ) -> SliceSet:
-    """All slices of the dataset's cases in `split` (by subject) and `sites`, for binary `tasks`."""
+    """All slices of the dataset's cases in `split` (by subject) and `sites`, for binary `tasks`
+    (labels of annotation `rater`: 0 = labelsTr, k = labelsRaters/<case>_r<k>)."""
     prep = prep or Preprocessing(channels=ds.n_channels)
     task_vals = [ds.task_labels(t) for t in tasks]
     chosen = list(cases) if cases is not None else ds.cases_in(split, sites)
@@ -193,7 +196,7 @@ def load_slices(
         )
     imgs, labs, meta = [], [], []
     for case in chosen:
-        image, label = load_case(ds, case)
+        image, label = load_case(ds, case, rater)
         if image.array.shape[0] != prep.channels:
             raise InputError(
                 f"case has {image.array.shape[0]} channels, the model expects {prep.channels}",

@@ -272,6 +272,25 @@ def phantom_case(
     return (img * site.scale * rng.uniform(0.9, 1.1)).astype(np.float32), label
 
 
+def rater_annotation(label: np.ndarray, rng: np.random.Generator, jitter_px: float = 1.0) -> np.ndarray:
+    """One more plausible annotation of a phantom label map [X, Y, Z], as raters differ:
+    - boundary jitter: every boundary moved by a smooth random in-plane displacement (≤ ~jitter_px);
+    - ambiguous parts: each lesion (a connected component) left out with probability 0.35 (relabelled
+      white matter), as raters disagree on small, faint lesions."""
+    shape = label.shape
+    field = rng.standard_normal((2, *shape))
+    field = np.stack([ndimage.gaussian_filter(f, (4.0, 4.0, 0.0)) for f in field])
+    field *= jitter_px / max(float(np.abs(field).max()), 1e-6)
+    grid = np.meshgrid(*[np.arange(n, dtype=np.float64) for n in shape], indexing="ij")
+    coords = [grid[0] + field[0], grid[1] + field[1], grid[2]]
+    out = ndimage.map_coordinates(label, coords, order=0, mode="nearest").astype(np.uint8)
+    lesions, n = ndimage.label(out == LESION)
+    for i in range(1, n + 1):
+        if rng.uniform() < 0.35:
+            out[lesions == i] = WM
+    return out
+
+
 def site_affine(site: PhantomSite, size: int) -> np.ndarray:
     """RAS affine: in-plane spacing from the site's field of view, 3 mm slices, centred on 0."""
     sp = BASE_FOV_MM * site.fov / size
@@ -289,12 +308,15 @@ def make_phantom_dataset(
     seed: int = 0,
     dataset_id: int | None = None,
     name: str = "Phantom",
+    raters: int = 0,
 ) -> RawDataset:
     """Write a phantom nnU-Net raw dataset `out_parent/DatasetXXX_<name>` and return it.
 
     One case per subject (a [size, size, n_slices] volume, .nii.gz); case ids `ph<site>_<nnn>` and
     subject ids `sub-<site><nnn>` are unique across sites; the `sites` map names each case's site.
     `dataset_id=None` takes the first free id >= 501. Splits are by subject, stratified by site.
+    `raters` > 0 adds that many further annotations per case (`rater_annotation`, labelsRaters/), each
+    from its own random stream: the images and labelsTr are the same with or without them.
     """
     from weightzoo.data.importers import staged_dataset
 
@@ -320,6 +342,10 @@ def make_phantom_dataset(
             for j in range(subjects_per_site):
                 rng = np.random.default_rng([seed, si, j])  # per subject: independent of generation order
                 image, label = phantom_case(rng, site, size, n_slices)
+                extra_raters = [
+                    rater_annotation(label, np.random.default_rng([seed, si, j, 1000 + k]))
+                    for k in range(raters)
+                ]
                 w.add_case(
                     f"ph{site.name}_{j + 1:03d}",
                     [image],
@@ -327,5 +353,6 @@ def make_phantom_dataset(
                     site=site.name,
                     subject=f"sub-{site.name}{j + 1:03d}",
                     affine=affine,
+                    raters=extra_raters,
                 )
         return w.publish(split_seed=seed)
