@@ -28,8 +28,15 @@ from weightzoo.segmenter import NetSegmenter
 from weightzoo.train.loop import TrainConfig, TrainResult, train_model
 
 DEMO_TASKS = ("cord", "gm", "canal", "lesion")
-ROUTES = ("zoo", "delta", "generate", "heads", "incontext", "prune")
-DEFAULT_ROUTES = ("zoo", "delta", "heads", "incontext", "prune")  # "generate" (G.pt-style) on request
+ROUTES = ("zoo", "delta", "generate", "heads", "incontext", "prune", "uncertainty")
+DEFAULT_ROUTES = (
+    "zoo",
+    "delta",
+    "heads",
+    "incontext",
+    "prune",
+    "uncertainty",
+)  # "generate" (G.pt-style) on request
 
 
 @dataclass
@@ -183,6 +190,11 @@ def _run_routes(rep: Report, out: Path, ds: RawDataset, s: DemoSettings, log: An
             from weightzoo.incontext.demo import demo_incontext
 
             done["incontext"] = demo_incontext(out, rep, log, budget["incontext"])
+        elif route == "uncertainty":
+            from weightzoo.uncertainty.demo import demo_uncertainty
+
+            task = "cord" if "cord" in s.tasks else s.tasks[0]
+            done["uncertainty"] = demo_uncertainty(ds, out / "models" / task, s.train_site, rep, log)
         elif route == "prune":
             from weightzoo.prune.demo import demo_prune
 

@@ -15,7 +15,7 @@ from weightzoo.data.raw import RawDataset
 from weightzoo.data.slices import load_slices
 from weightzoo.evaluate.metrics import dice
 from weightzoo.uncertainty.maps import uncertainty_maps
-from weightzoo.uncertainty.metrics import best_candidate_dice, case_uncertainty_metrics, ged
+from weightzoo.uncertainty.metrics import BINS, best_candidate_dice, case_uncertainty_metrics, ged
 
 UNCERTAINTY_MAP = "entropy"  # the map AUROC and UEO score (predictive entropy: works for every source)
 
@@ -42,6 +42,7 @@ def evaluate_uncertainty(
     tasks = list(tasks or seg.tasks)
     per_case = []
     n_images = 0
+    bins = {t: np.zeros((3, BINS)) for t in tasks}  # per bin: Σ p, Σ y, count (reliability diagram)
     for case in ds.cases_in(split, sites):
         ss = load_slices(ds, tasks, prep=seg.preprocessing, cases=[case])
         order = sorted(range(len(ss)), key=lambda i: ss.meta[i].get("slice", 0))
@@ -59,6 +60,8 @@ def evaluate_uncertainty(
             ref = ss.labels[order][:, j].astype(bool)
             m = case_uncertainty_metrics(mean, maps[UNCERTAINTY_MAP][:, k].numpy(), ref)
             m["dice"] = dice(mean > 0.5, ref)
+            idx = np.minimum((mean.ravel() * BINS).astype(int), BINS - 1)
+            bins[t] += [np.bincount(idx, w, BINS) for w in (mean.ravel(), ref.ravel(), None)]
             if len(raters) > 1:  # candidate sets: each sample, thresholded, is one candidate
                 cands = [(samples[i, :, k] > 0.5).numpy() for i in range(len(samples))]
                 annotations = [r[:, j].astype(bool) for r in raters]
@@ -83,5 +86,13 @@ def evaluate_uncertainty(
         "seconds_per_image": round(seconds / max(n_images, 1), 5),
         "mean": means(per_case),
         "per_site": {s: means([r for r in per_case if r["site"] == s]) for s in sites_seen},
+        "reliability": {
+            t: {
+                "mean_p": (b[0] / np.maximum(b[2], 1)).tolist(),
+                "frequency": (b[1] / np.maximum(b[2], 1)).tolist(),
+                "count": b[2].astype(int).tolist(),
+            }
+            for t, b in bins.items()
+        },
         "per_case": per_case,
     }
