@@ -3,7 +3,7 @@ ensemble of 3 independently trained networks vs TTA (8 flips/rotations) vs in-co
 
     python benchmarks/uncertainty_bench.py WORK_DIR [--shared ../shared/data] [--models 5] [--steps 600]
 
-Phantoms (3 sites, 16 subjects each, 64 px, 3 extra raters per case: GED is measurable) and, when the
+Phantoms (3 sites, 24 subjects each, 64 px, 3 extra raters per case: GED is measurable) and, when the
 shared data is there, WBC (2 sources). Five `small` networks with spatial dropout 0.1 (nnU-Net's
 dropout_op), tasks cord + gm (WBC: nucleus + cell), trained on ONE site (A / Dataset1) with seeds 0–4.
 Per seed s = 0, 1, 2: the deterministic network s (dropout off), MC dropout of network s (sampling seed
@@ -53,7 +53,7 @@ def datasets(work: Path, shared: Path) -> list[tuple[str, RawDataset, list[str],
     ds = (
         RawDataset.open(ph[0])
         if ph
-        else make_phantom_dataset(work / "phantom", 3, 16, 64, 8, seed=0, raters=3)
+        else make_phantom_dataset(work / "phantom", 3, 24, 64, 8, seed=0, raters=3)
     )
     out.append(("phantoms", ds, ["cord", "gm"], "A", "zscore"))
     if (shared / "wbc").is_dir():

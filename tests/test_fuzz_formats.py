@@ -139,6 +139,24 @@ def test_fuzz_model_json(
     _fuzz_file(data, original, path, lambda: main(argv), [out], capsys)
 
 
+@pytest.mark.parametrize("value", ["", None, "12", -1.0, [3.0], float("nan")])
+def test_model_json_seconds_to_build_of_the_wrong_kind(
+    value: Any, fuzz_model: Path, tiny_phantom_dataset: RawDataset, tmp_path: Path, capsys: Any
+) -> None:
+    """Regressions CI's fuzzing found (hypothesis 6.170): a non-number `seconds_to_build` crashed segment."""
+    path = fuzz_model / "model.json"
+    original = json.loads(path.read_text())
+    image = tiny_phantom_dataset.image_files(tiny_phantom_dataset.cases()[0])[0]
+    out = tmp_path / "mask.nii.gz"
+    path.write_text(json.dumps(_mutate(original, ("seconds_to_build",), value, False), allow_nan=True))
+    try:
+        rc = main(["segment", "-m", str(fuzz_model), "-i", str(image), "-o", str(out), "--device", "cpu"])
+    finally:
+        path.write_text(json.dumps(original))
+    _check(rc, capsys.readouterr().err, path.name, [out])
+    assert rc == 2
+
+
 @pytest.fixture(scope="module")
 def fuzz_generator(finetune_zoo: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     from weightzoo.generate.delta import DeltaGenConfig, train_delta_generator

@@ -90,6 +90,17 @@ FOLDER_JSON: dict[str, Any] = {
         "tasks": _TASKS,
         "preprocessing": {"type": "object"},
         "threshold": FINITE,
+        "arch": {"type": "object"},
+        "arch_hash": {"type": "string"},
+        "n_params": {"type": "integer", "minimum": 0},
+        "seconds_to_build": {**FINITE, "minimum": 0},
+        "route": {"type": "string"},
+        "info": {"type": "object"},
+        # heads.json
+        "head_stages": {"type": "integer", "minimum": 0, "maximum": 10},
+        "backbone_hash": {"type": "string"},
+        "backbone_file": {"type": "string"},
+        "heads": {"type": "object", "additionalProperties": {"type": "object"}},
     },
 }
 GENERATOR_JSON: dict[str, Any] = {

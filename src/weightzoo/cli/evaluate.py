@@ -16,6 +16,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from weightzoo.cli.segment import MC_SEED_OPTION, ZOO_OPTION
 from weightzoo.data.raw import SPLIT_NAMES, RawDataset
 from weightzoo.errors import InputError, UnknownNameError
 from weightzoo.evaluate.summary import evaluate_segmenter, summary_line, write_summary
@@ -92,8 +93,8 @@ def register(app: typer.Typer) -> None:
             help="Also score uncertainty from mc:T (MC dropout), tta:T or zoo:K (needs --zoo and one --site): "
             "calibration (ECE/ACE/MCE, Brier, NLL, also in a boundary band), AUROC, UEO (docs/uncertainty.md).",
         ),
-        zoo: Path | None = typer.Option(None, "--zoo", help="Zoo for --uncertainty zoo:K."),
-        seed: int = typer.Option(0, "--seed", help="Seed of MC-dropout sampling."),
+        zoo: Path | None = ZOO_OPTION,
+        seed: int = MC_SEED_OPTION,
     ) -> None:
         """Evaluate a model per case (Dice, IoU, HD95; nnU-Net rules) and write summary.json."""
         if split not in (*SPLIT_NAMES, "all"):

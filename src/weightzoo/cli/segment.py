@@ -27,6 +27,9 @@ from weightzoo.postprocess import largest_component, threshold
 from weightzoo.segmenter import MODEL_JSON, load_model, segment_image
 
 OUT_2D_ENDINGS = (".png", ".bmp", ".tif", ".tiff")
+# options `segment` and `evaluate` share for --uncertainty
+ZOO_OPTION = typer.Option(None, "--zoo", help="Zoo for --uncertainty zoo:K.")
+MC_SEED_OPTION = typer.Option(0, "--seed", help="Seed of MC-dropout sampling.")
 
 
 def default_output(image_path: Path) -> Path:
@@ -183,8 +186,8 @@ def register(app: typer.Typer) -> None:
             help="mc:T (MC dropout) | tta:T (flips/rotations) | zoo:K (--zoo, --site): also write OUT_mean, "
             "OUT_var, OUT_entropy, OUT_mi maps on the input grid (docs/uncertainty.md).",
         ),
-        zoo: Path | None = typer.Option(None, "--zoo", help="Zoo for --uncertainty zoo:K."),
-        seed: int = typer.Option(0, "--seed", help="Seed of MC-dropout sampling."),
+        zoo: Path | None = ZOO_OPTION,
+        seed: int = MC_SEED_OPTION,
     ) -> None:
         """Segment an image with a trained model; the mask lies exactly on the input's grid."""
         written = segment_file(
