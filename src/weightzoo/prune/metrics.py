@@ -9,6 +9,7 @@ Conventions (those of `torch.utils.flop_counter`, which a test checks us against
   Nonzero FLOPs count only the nonzero weights: |kernel| · C_out · C_in/groups becomes nnz(weight).
   Size = all parameters; nonzero size = nonzero parameters; compression = size / nonzero size.
   Theoretical speedup = dense FLOPs of the original / nonzero FLOPs of the pruned network.
+  Measured speedup: the two networks timed alternately (`paired_latency`).
 """
 
 from __future__ import annotations
@@ -65,36 +66,41 @@ def flops(net: nn.Module, input_shape: tuple[int, ...]) -> dict[str, float]:
 
 
 @torch.no_grad()
-def latency(net: nn.Module, input_shape: tuple[int, ...], repeats: int = 20, warmup: int = 3) -> float:
-    """Median seconds of one forward pass on `input_shape` (net's device; CUDA synchronised)."""
-    p = next(net.parameters())
+def paired_latency(
+    a: nn.Module, b: nn.Module, input_shape: tuple[int, ...], repeats: int = 30, warmup: int = 3
+) -> tuple[float, float, float]:
+    """(median latency of a, of b, median of the per-pair ratios a/b), timing a and b alternately on
+    the same input: a burst of load on a shared machine then slows both of a pair, not one network's
+    whole series, so the ratio (the measured speedup) stays honest."""
+    p = next(a.parameters())
     x = torch.randn(input_shape, dtype=p.dtype, device=p.device)
-    was_training = net.training
-    net.eval()
-    times = []
     sync = torch.cuda.synchronize if p.device.type == "cuda" else (lambda: None)
+    modes = (a.training, b.training)
+    a.eval(), b.eval()
+    ta, tb = [], []
     for i in range(warmup + repeats):
-        sync()
-        t0 = time.perf_counter()
-        net(x)
-        sync()
-        if i >= warmup:
+        times = []
+        for net in (a, b) if i % 2 == 0 else (b, a):
+            sync()
+            t0 = time.perf_counter()
+            net(x)
+            sync()
             times.append(time.perf_counter() - t0)
-    net.train(was_training)
-    return statistics.median(times)
+        if i >= warmup:
+            first, second = times
+            ta.append(first if i % 2 == 0 else second)
+            tb.append(second if i % 2 == 0 else first)
+    a.train(modes[0]), b.train(modes[1])
+    ratios = [x / y for x, y in zip(ta, tb, strict=True)]
+    return statistics.median(ta), statistics.median(tb), statistics.median(ratios)
 
 
 def measure(
-    net: nn.Module,
-    input_shape: tuple[int, ...],
-    reference_flops: float | None = None,
-    latency_shape: tuple[int, ...] | None = None,
+    net: nn.Module, input_shape: tuple[int, ...], reference_flops: float | None = None
 ) -> dict[str, Any]:
-    """Sizes, FLOPs per `input_shape`, theoretical speedup against `reference_flops` (default: this
-    net's dense FLOPs) and, given `latency_shape`, median forward latency on it in seconds."""
+    """Sizes, FLOPs per `input_shape`, and the theoretical speedup against `reference_flops`
+    (default: this net's dense FLOPs). Latency: `paired_latency`."""
     out: dict[str, Any] = {**sizes(net), **flops(net, input_shape)}
     ref = reference_flops if reference_flops is not None else out["flops"]
     out["theoretical_speedup"] = ref / max(out["nonzero_flops"], 1.0)
-    if latency_shape is not None:
-        out["latency_s"] = latency(net, latency_shape)
     return out

@@ -19,7 +19,7 @@ import torch
 from weightzoo.data.slices import SliceSet
 from weightzoo.errors import InputError, ModelError, UnknownNameError
 from weightzoo.nets.unet import build_network, load_real_state_dict, real_state_dict
-from weightzoo.prune.metrics import measure
+from weightzoo.prune.metrics import measure, paired_latency
 from weightzoo.prune.strategies import STRATEGIES, apply_masks, gradients
 from weightzoo.prune.structured import CHANNEL_STRATEGIES, prune_channels, widths_for_speedup
 from weightzoo.segmenter import NetSegmenter, save_model
@@ -114,12 +114,14 @@ def prune_info(
 ) -> dict[str, Any]:
     """model.json `info.prune`: the recipe and the metrics of the original and the pruned net
     (FLOPs per slice; latency, on this machine's CPU, of a batch of LATENCY_BATCH slices)."""
-    shape, timed = input_shape(original), (input_shape(original, LATENCY_BATCH) if timing else None)
-    before = measure(cpu_copy(original), shape, latency_shape=timed)
-    after = measure(pruned.cpu(), shape, reference_flops=before["flops"], latency_shape=timed)
+    shape, reference = input_shape(original), cpu_copy(original)
+    before = measure(reference, shape)
+    after = measure(pruned.cpu(), shape, reference_flops=before["flops"])
     after["compression"] = before["size"] / max(after["nonzero_size"], 1)  # against the ORIGINAL's size
-    if timing:
-        after["measured_speedup"] = before["latency_s"] / after["latency_s"]
+    if timing:  # original and pruned timed alternately: see paired_latency
+        before["latency_s"], after["latency_s"], after["measured_speedup"] = paired_latency(
+            reference, pruned, input_shape(original, LATENCY_BATCH)
+        )
     return {
         "recipe": recipe.to_dict(),
         "from_model": original.name,
