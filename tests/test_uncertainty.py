@@ -198,3 +198,32 @@ def test_segment_and_evaluate_with_uncertainty(rater_dataset, tmp_path: Path, ca
         code = main(["evaluate", "-m", str(model), "--dataset", str(rater_dataset.root), *extra])
         err = capsys.readouterr().err
         assert code == 2 and message in err and "Traceback" not in err
+
+
+def test_zoo_ensemble_source(
+    finetune_zoo: Path, phantom_base: Path, tiny_phantom_dataset, tmp_path: Path, capsys
+) -> None:
+    """zoo:K: the K best-val runs of the task at the site; maps written; too many asked is a clear error."""
+    img = tiny_phantom_dataset.image_files(tiny_phantom_dataset.cases_in("test", ["A"])[0])[0]
+    out = tmp_path / "z.nii.gz"
+    base = [
+        "segment",
+        "-i",
+        str(img),
+        "-m",
+        str(phantom_base),
+        "-o",
+        str(out),
+        "--zoo",
+        str(finetune_zoo),
+        "--site",
+        "A",
+    ]
+    assert main([*base, "--task", "cord", "--uncertainty", "zoo:2"]) == 0
+    var = nib.load(tmp_path / "z_var.nii.gz").get_fdata()
+    assert var.max() > 0  # two different runs disagree somewhere
+    capsys.readouterr()
+    assert main([*base, "--uncertainty", "zoo:2"]) == 2  # a 3-task model: which task?
+    assert "add --task" in capsys.readouterr().err
+    assert main([*base, "--task", "cord", "--uncertainty", "zoo:99"]) == 2
+    assert "the zoo has" in capsys.readouterr().err

@@ -129,7 +129,8 @@ def register(app: typer.Typer) -> None:
                     "--uncertainty works on model folders, not heads folders", "drop --uncertainty"
                 )
             one_site = site[0] if site and len(site) == 1 else None
-            source = make_source(uncertainty, seg, seed, zoo, one_site)
+            one_task = task[0] if task and len(task) == 1 else None
+            source, seg = make_source(uncertainty, seg, seed, zoo, one_site, one_task)
             with err.status(f"sampling {uncertainty}…"):
                 summary["uncertainty"] = evaluate_uncertainty(
                     seg, source, ds, None if split == "all" else split, site or None, task or None

@@ -103,7 +103,7 @@ def segment_file(
         from weightzoo.uncertainty.maps import MAPS
         from weightzoo.uncertainty.sources import SampledSegmenter, make_source
 
-        source = make_source(uncertainty, seg, seed, zoo, site)
+        source, seg = make_source(uncertainty, seg, seed, zoo, site, task)
         for t in list(paths):
             for m in MAPS:
                 paths[f"{t}_{m}"] = with_suffix_before_ending(paths[t], f"_{m}")

@@ -171,18 +171,24 @@ def parse_source(spec: str) -> tuple[str, int]:
     return m.group(1), int(m.group(2))
 
 
-def make_source(spec: str, seg: Any, seed: int = 0, zoo: Any = None, site: str | None = None) -> Any:
-    """A sample source from its spec; zoo:K needs the zoo folder and the site."""
+def make_source(
+    spec: str, seg: Any, seed: int = 0, zoo: Any = None, site: str | None = None, task: str | None = None
+) -> tuple[Any, Any]:
+    """(source, the segmenter whose tasks and preprocessing the samples follow) from a spec. zoo:K
+    needs the zoo folder, the site, and one task (`task`, or the model's only one); its samples are
+    that task's, in the model's preprocessing."""
     kind, n = parse_source(spec)
     if kind == "mc":
-        return MCDropout(seg, n, seed)
+        return MCDropout(seg, n, seed), seg
     if kind == "tta":
-        return TTA(seg, n)
+        return TTA(seg, n), seg
     if zoo is None or site is None:
         raise InputError(f"--uncertainty {spec} needs a zoo and a site", "add --zoo ZOO and --site SITE")
-    if len(seg.tasks) != 1:
+    task = task or (seg.tasks[0] if len(seg.tasks) == 1 else None)
+    if task is None:
         raise InputError("zoo ensembles are per task", "add --task TASK")
-    return zoo_ensemble(zoo, seg.tasks[0], site, n, seg.preprocessing)
+    ensemble = zoo_ensemble(zoo, task, site, n, seg.preprocessing)
+    return ensemble, ensemble.members[0]
 
 
 class SampledSegmenter:
