@@ -190,4 +190,66 @@ def test_fuzz_generator_json(data: st.DataObject, fuzz_generator: Path, tmp_path
 def test_fuzz_cases_are_counted_in_the_docs() -> None:
     """docs/safety.md states how many fuzzed files the suite runs; keep it true."""
     text = (Path(__file__).resolve().parents[1] / "docs" / "safety.md").read_text()
-    assert f"{4 * EXAMPLES} fuzzed files" in text
+    assert f"{6 * EXAMPLES} fuzzed files" in text
+
+
+def _api_outcome(run: Any, filename: str) -> None:
+    """Python-API form of the property: success, or one WeightzooError line naming the file."""
+    from weightzoo.errors import WeightzooError
+
+    try:
+        run()
+    except WeightzooError as e:
+        text = str(e)
+        assert "\n" not in text and filename in text, text
+
+
+@FUZZ
+@given(data=st.data())
+def test_fuzz_zoo_grid(data: st.DataObject, tiny_phantom_dataset: RawDataset, tmp_path: Path) -> None:
+    """A zoo grid (YAML) with one value replaced or deleted: planned, or refused naming the grid."""
+    import yaml
+
+    from weightzoo.zoo.grid import Grid
+
+    original = {"tasks": ["cord", ["cord", "gm"]], "sites": "each", "seeds": 2, "preset": "tiny",
+                "lr": [1e-3, 1e-2], "steps": 20, "batch_size": 4, "checkpoints": 2, "size": 32,
+                "run_split": {"train": 0.6, "val": 0.2, "test": 0.2}}  # fmt: skip
+    where = data.draw(st.sampled_from(_paths(original)), label="where")
+    value, delete = data.draw(junk, label="value"), data.draw(st.booleans(), label="delete")
+    path = tmp_path / "grid.yaml"
+    try:
+        path.write_text(yaml.safe_dump(_mutate(original, where, value, delete)))
+    except (ValueError, yaml.YAMLError):
+        return  # not writable as YAML (e.g. NaN keys): nothing a user could hand us
+    _api_outcome(lambda: Grid.from_file(path).expand(tiny_phantom_dataset), path.name)
+
+
+@pytest.fixture(scope="module")
+def fuzz_results(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An nnU-Net v2 results folder (a tiny 2-task export) whose plans.json the fuzzer edits."""
+    from weightzoo.nets.unet import ArchSpec, build_network, real_state_dict
+    from weightzoo.zoo.nnunet import nnunet_dataset_json, write_nnunet_results
+
+    spec = ArchSpec.preset("tiny", 1, 2)
+    dj = nnunet_dataset_json(["T2"], {"cord": [1, 2], "gm": [2]}, ".nii.gz", name="Phantom")
+    root = tmp_path_factory.mktemp("fuzzres") / "Dataset501_Phantom" / "nnUNetTrainer__nnUNetPlans__2d"
+    write_nnunet_results(root, spec, real_state_dict(build_network(spec, seed=0)), dj)
+    return root
+
+
+@FUZZ
+@given(data=st.data())
+def test_fuzz_nnunet_plans(data: st.DataObject, fuzz_results: Path) -> None:
+    """nnU-Net's plans.json with one value replaced or deleted: ingested, or refused naming plans.json."""
+    from weightzoo.zoo.nnunet import read_nnunet_results
+
+    path = fuzz_results / "plans.json"
+    original = json.loads(path.read_text())
+    where = data.draw(st.sampled_from(_paths(original)), label="where")
+    value, delete = data.draw(junk, label="value"), data.draw(st.booleans(), label="delete")
+    path.write_text(json.dumps(_mutate(original, where, value, delete), allow_nan=True))
+    try:
+        _api_outcome(lambda: read_nnunet_results(fuzz_results), "plans.json")
+    finally:
+        path.write_text(json.dumps(original))

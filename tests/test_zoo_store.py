@@ -272,8 +272,9 @@ def test_grid_expands_deterministically(tiny_phantom_dataset) -> None:
         ({"tasks": ["cord+cord"]}, "repeats a name"),
         ({"tasks": ["cord"], "lr": [0.1, 0.1]}, "same run twice"),
         ({"tasks": ["cord"], "optimizer": "lion"}, "unknown optimizer"),
-        ({"tasks": ["spleen"]}, "unknown task 'spleen'"),
-        ({"tasks": ["cord"], "sites": ["Z"]}, "unknown site 'Z'"),
+        ({"tasks": ["spleen"]}, "task 'spleen' is not a task of dataset"),
+        ({"tasks": [None]}, "tasks\\[0\\]: None is not allowed"),
+        ({"tasks": ["cord"], "sites": ["Z"]}, "site 'Z' is not a site of dataset"),
     ],
 )
 def test_bad_grids_are_rejected(tiny_phantom_dataset, grid: dict, match: str) -> None:

@@ -78,6 +78,58 @@ SPLITS_JSON: dict[str, Any] = {
     "properties": {k: {"type": "array", "items": PLAIN_NAME} for k in ("train", "val", "test")},
 }
 
+
+# zoo grids (YAML or JSON): types here; meaning (unknown task, caps on the runs planned, a base's fixed
+# keys) in weightzoo.zoo.grid. Axes take one value or a list of values.
+def _one_or_list(item: dict[str, Any]) -> dict[str, Any]:
+    return {"anyOf": [item, {"type": "array", "items": item, "minItems": 1, "maxItems": 1000}]}
+
+
+# PyYAML reads `1e-3` (no dot) as a string; TrainConfig converts it, so a grid may write numbers so
+_NUMBER_TEXT: dict[str, Any] = {"type": "string", "pattern": r"^[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?$"}
+
+
+def _number(**bounds: Any) -> dict[str, Any]:
+    return {"anyOf": [{**FINITE, **bounds}, _NUMBER_TEXT]}
+
+
+_NAMES_ENTRY: dict[str, Any] = {"anyOf": [PLAIN_NAME, {"type": "array", "items": PLAIN_NAME, "minItems": 1}]}
+_INT: dict[str, Any] = {"type": "integer"}
+GRID_JSON: dict[str, Any] = {
+    "type": "object",
+    "required": ["tasks"],
+    "properties": {
+        "tasks": {"anyOf": [PLAIN_NAME, {"type": "array", "items": _NAMES_ENTRY, "minItems": 1}]},
+        "sites": {"anyOf": [PLAIN_NAME, {"type": "array", "items": _NAMES_ENTRY, "minItems": 1}]},
+        "seeds": _one_or_list(_INT),
+        "checkpoints": {"type": "integer", "minimum": 0, "maximum": 10_000},
+        "split_seed": _INT,
+        "run_split": {
+            "type": "object",
+            "minProperties": 1,
+            "propertyNames": {"enum": ["train", "val", "test"]},
+            "additionalProperties": {**FINITE, "minimum": 0, "maximum": 1},
+        },
+        "name": {"type": "string"},
+        "from": {"type": "string"},
+        "preset": _one_or_list({"type": "string"}),
+        "trainable": _one_or_list({"type": "string"}),
+        "optimizer": _one_or_list({"type": "string"}),
+        "lr": _one_or_list(_number(exclusiveMinimum=0)),
+        "weight_decay": _one_or_list(_number(minimum=0)),
+        "augment": _one_or_list(_number(minimum=0, maximum=1)),
+        "steps": _one_or_list({"type": "integer", "minimum": 1}),
+        "epochs": _one_or_list({"type": "integer", "minimum": 1}),
+        "batch_size": _one_or_list({"type": "integer", "minimum": 1}),
+        "dropout": _one_or_list(_number(minimum=0, maximum=1)),
+        "size": _one_or_list({"type": "integer", "minimum": 1}),
+        "normalization": {"type": "string"},
+        "axis": {"type": "integer", "minimum": 0, "maximum": 2},
+        "foreground_oversample": _number(minimum=0, maximum=1),
+        "grad_clip": _number(minimum=0),
+    },
+}
+
 # model.json / heads.json / generator.json: the envelope every folder description shares. The
 # architecture and preprocessing inside are checked by check_arch_kwargs and Preprocessing.from_dict.
 _TASKS: dict[str, Any] = {"type": "array", "items": PLAIN_NAME, "minItems": 1, "maxItems": 64}

@@ -152,7 +152,15 @@ def _as_list(v: Any) -> list[Any]:
 
 def _names(entry: Any, what: str, source: Any) -> tuple[str, ...]:
     """A task/site entry: 'cord', 'cord+gm' or [cord, gm] -> ('cord', 'gm')."""
-    items = entry if isinstance(entry, (list, tuple)) else str(entry).split("+")
+    if not isinstance(entry, (str, list, tuple)) or (
+        isinstance(entry, (list, tuple)) and not all(isinstance(x, str) for x in entry)
+    ):
+        raise InputError(
+            f"grid {what} entry {entry!r:.60} is not a name or a list of names",
+            f"e.g. {what}: [a, [a, b]]",
+            source,
+        )
+    items = entry if isinstance(entry, (list, tuple)) else entry.split("+")
     out = tuple(str(x).strip() for x in items if str(x).strip())
     if not out or len(set(out)) != len(out):
         raise InputError(
@@ -179,6 +187,9 @@ class Grid:
                 raise InputError(
                     f"'{k}' must be one value, not a list", "one zoo uses one preprocessing", source
                 )
+        from weightzoo.schemas import GRID_JSON, validate
+
+        validate(d, GRID_JSON, source, "fix the grid (docs/zoo.md)")
         self.d, self.source = dict(d), source
         self.base: BaseNet | None = None
         if "from" in d:
@@ -248,7 +259,12 @@ class Grid:
         entries = [_names(e, "sites", self.source) for e in _as_list(sites)]
         for e in entries:
             for s in e:
-                ds.check_site(s)
+                if s not in ds.sites():
+                    raise InputError(
+                        f"site '{s}' is not a site of dataset {ds.name}",
+                        f"choose from: {', '.join(ds.sites())}",
+                        self.source,
+                    )
         return entries
 
     def _n_train_slices(self, ds: RawDataset, sites: tuple[str, ...], axis: int) -> int:
@@ -262,9 +278,14 @@ class Grid:
 
     def expand(self, ds: RawDataset) -> list[RunPlan]:
         """The planned runs on dataset `ds`, in a fixed order, with stable ids and a run split."""
-        for e in self.task_entries:
+        for e in self.task_entries:  # the grid names them: the error names the grid
             for t in e:
-                ds.task_labels(t)  # UnknownNameError listing the dataset's tasks
+                if t not in ds.tasks:
+                    raise InputError(
+                        f"task '{t}' is not a task of dataset {ds.name}",
+                        f"choose from: {', '.join(sorted(ds.tasks))}",
+                        self.source,
+                    )
         axes = [(k, _as_list(self.d[k])) for k in AXES if k in self.d]
         n_runs = math.prod([len(self.task_entries), len(self.seeds), *(len(v) for _, v in axes)])
         if n_runs > MAX_RUNS:  # the site entries only multiply this further
