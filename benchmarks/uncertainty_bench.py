@@ -151,11 +151,12 @@ def device() -> str:
     return f"{platform.machine()} CPU, {torch.get_num_threads()} torch threads, torch {torch.__version__}"
 
 
-def _mean_sd(values: list[float]) -> str:
+def _mean_sd(values: list[float], digits: int = 3) -> str:
     v = [x for x in values if x is not None and np.isfinite(x)]
     if not v:
         return "–"
-    return f"{statistics.fmean(v):.3f} ± {statistics.stdev(v):.3f}" if len(v) > 1 else f"{v[0]:.3f}"
+    m = f"{statistics.fmean(v):.{digits}f}"
+    return f"{m} ± {statistics.stdev(v):.{digits}f}" if len(v) > 1 else m
 
 
 def _column(runs: list[dict[str, Any]], key: str) -> str:
@@ -164,7 +165,7 @@ def _column(runs: list[dict[str, Any]], key: str) -> str:
     for r in runs:
         vals = [m[key] for m in r.values() if m.get(key) is not None and np.isfinite(m[key])]
         per_seed.append(statistics.fmean(vals) if vals else np.nan)
-    return _mean_sd(per_seed)
+    return _mean_sd(per_seed, 4 if key in ("ece", "brier", "s_per_image") else 3)
 
 
 def table(cells: dict[str, Any]) -> str:
