@@ -217,7 +217,7 @@ GENERATOR_JSON: dict[str, Any] = {
 
 
 def _where(path: Any) -> str:
-    parts = [f"[{p}]" if isinstance(p, int) else f".{p}" for p in path]
+    parts = [f"[{p}]" if isinstance(p, int) else f".{p if str(p).isprintable() else repr(p)}" for p in path]
     return "".join(parts).lstrip(".") or "the top level"
 
 

@@ -169,7 +169,7 @@ def load_model(folder: str | Path, device: str = "auto") -> NetSegmenter:
         raise ModelError(
             f"cannot read weights ({e})", "the file is corrupt; re-run training or restore it", wpath
         ) from None
-    check_state_dict(spec, state, str(wpath))
+    check_state_dict(spec, state, str(wpath), spec_from=MODEL_JSON)
     net = load_real_state_dict(build_network(spec), state)
     prep = Preprocessing.from_dict(meta["preprocessing"], folder / MODEL_JSON)
     return NetSegmenter(

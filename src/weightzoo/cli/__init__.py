@@ -65,12 +65,22 @@ _register()
 def _show_warning(message, category, filename, lineno, file=None, line=None):  # type: ignore[no-untyped-def]
     """User-facing warnings as one yellow line; anything else as Python prints it."""
     if issubclass(category, WeightzooWarning):
-        err_console.print(f"[yellow]warning:[/] {escape(str(message))}", highlight=False, soft_wrap=True)
+        err_console.print(f"[yellow]warning:[/] {escape(one_line(str(message)))}", highlight=False, soft_wrap=True)
     else:
         _python_showwarning(message, category, filename, lineno, file, line)
 
 
 _python_showwarning = warnings.showwarning
+
+
+LINE_BREAKS = "\n\r\x0b\x0c\x1c\x1d\x1e\x85\u2028\u2029"  # what str.splitlines splits on
+_ESCAPED = {ord(c): repr(c)[1:-1] for c in LINE_BREAKS}
+
+
+def one_line(text: str) -> str:
+    """`text` with every line-breaking character written as an escape (\\n, \\x1e, ...): a name read
+    from a file cannot break an error message in two."""
+    return text.translate(_ESCAPED)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -82,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
     except WeightzooError as e:
         if debug:
             raise
-        err_console.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False, soft_wrap=True)
+        err_console.print(f"[bold red]error:[/] {escape(one_line(str(e)))}", highlight=False, soft_wrap=True)
         return 2
     except KeyboardInterrupt:
         err_console.print("[yellow]interrupted[/] (long jobs resume from their last checkpoint when re-run)")

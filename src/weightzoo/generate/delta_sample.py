@@ -63,7 +63,7 @@ class DeltaGenerator:
         self.mean, self.rms = stats["stats.mean"], stats["stats.rms"]
         self.mu, self.sd = stats["emb.mu"], stats["emb.sd"]
         self.layout = DeltaLayout(base, meta["subset"])
-        self.prep = Preprocessing.from_dict(meta["preprocessing"])
+        self.prep = Preprocessing.from_dict(meta["preprocessing"], folder / "generator.json")
         self._net: torch.nn.Module | None = None
 
     @classmethod

@@ -309,7 +309,7 @@ class Generator:
             net,
             spec,
             list(tasks),
-            Preprocessing.from_dict(self.meta["preprocessing"]),
+            Preprocessing.from_dict(self.meta["preprocessing"], Path(self.folder) / "generator.json"),
             "generated",
             0.0,
             device,
@@ -354,7 +354,7 @@ def select_on_val(
         raise InputError(
             f"no validation cases for sites {sites or 'all'}", "select on a dataset with a val split", ds.root
         )
-    prep = Preprocessing.from_dict(gen.meta["preprocessing"])
+    prep = Preprocessing.from_dict(gen.meta["preprocessing"], Path(gen.folder) / "generator.json")
     val = load_slices(ds, result.tasks, prep=prep, cases=cases)
     scores: list[dict[str, float]] = []
     best, best_score = -1, -math.inf

@@ -185,12 +185,13 @@ def check_arch_kwargs(
     ints(kw.get("features_per_stage"), n, 1, MAX_FEATURES, "features_per_stage")
     ints(kw.get("n_conv_per_stage"), n, 1, MAX_CONVS, "n_conv_per_stage")
     ints(kw.get("n_conv_per_stage_decoder"), n - 1, 1, MAX_CONVS, "n_conv_per_stage_decoder")
+    dims = 3 if "3d" in str(kw.get("conv_op", "")).lower() else 2
     for key, lo in (("kernel_sizes", 1), ("strides", 1)):
         v = kw.get(key)
         if not isinstance(v, list) or len(v) != n:
             raise bad(f"{key} must have one entry per stage ({n}), got {v!r:.60}")
-        for e in v:
-            ints(e if isinstance(e, list) else [e], None, lo, MAX_KERNEL, key)
+        for e in v:  # an int, or one int per spatial dimension of the conv
+            ints(e if isinstance(e, list) else [e], dims if isinstance(e, list) else 1, lo, MAX_KERNEL, key)
     for key in OP_KEYS:
         if kw.get(key) is not None and not isinstance(kw.get(key), str):
             raise bad(f"{key} must be an op name (a string), got {type(kw.get(key)).__name__}")
@@ -278,10 +279,13 @@ def load_real_state_dict(net: nn.Module, state: dict[str, torch.Tensor]) -> nn.M
     return net
 
 
-def check_state_dict(spec: ArchSpec, state: dict[str, torch.Tensor], source: str = "checkpoint") -> None:
+def check_state_dict(
+    spec: ArchSpec, state: dict[str, torch.Tensor], source: str = "checkpoint", spec_from: str | None = None
+) -> None:
     """Raise a one-line ModelError if `state` does not fit the network `spec` builds, or has NaN/inf.
 
-    `state` may be a full nnU-Net state_dict (aliases included) or a `real_state_dict`."""
+    `state` may be a full nnU-Net state_dict (aliases included) or a `real_state_dict`. `spec_from`
+    names the file the architecture came from (e.g. model.json), so a mismatch names both files."""
     net = build_network(spec)
     full = net.state_dict()
     ref = real_state_dict(net)
@@ -297,8 +301,9 @@ def check_state_dict(spec: ArchSpec, state: dict[str, torch.Tensor], source: str
             if unexpected
             else f"shape of {wrong[0]} is {tuple(state[wrong[0]].shape)}, expected {tuple(ref[wrong[0]].shape)}"
         )
+        arch = f"the architecture in {spec_from}" if spec_from else "the model's architecture"
         raise ModelError(
-            f"weights do not match the model's architecture ({detail})",
+            f"weights do not match {arch} ({detail})",
             "the checkpoint belongs to another architecture; use the model folder it was saved with",
             source,
         )

@@ -130,7 +130,7 @@ def base_from_bytes(
         raise ModelError(
             f"cannot parse the base's weights ({e})", "re-run `weightzoo base train`", source
         ) from None
-    check_state_dict(spec, state, source)
+    check_state_dict(spec, state, source, spec_from=Path(meta_source).name if meta_source else None)
     return BaseNet(base_id_of(weights), spec, state, tuple(meta["tasks"]), dict(meta), weights)
 
 
