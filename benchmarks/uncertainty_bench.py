@@ -4,7 +4,8 @@ ensemble of 3 independently trained networks vs TTA (8 flips/rotations) vs in-co
     python benchmarks/uncertainty_bench.py WORK_DIR [--shared ../shared/data] [--models 5] [--steps 600]
 
 Phantoms (3 sites, 24 subjects each, 64 px, 3 extra raters per case: GED is measurable) and, when the
-shared data is there, WBC (2 sources). Five `small` networks with spatial dropout 0.1 (nnU-Net's
+shared data is there, WBC (2 sources) and CHASE_DB1 retinal vessels (one site, TWO real observers: 128 px
+crops at full resolution; 3 networks of 300 steps, and MC dropout at T = 20 only, to fit the CPU). Five `small` networks with spatial dropout 0.1 (nnU-Net's
 dropout_op), tasks cord + gm (WBC: nucleus + cell), trained on ONE site (A / Dataset1) with seeds 0–4.
 Per seed s = 0, 1, 2: the deterministic network s (dropout off), MC dropout of network s (sampling seed
 s), TTA of network s, the ensemble of networks {s, s+1, s+2}, and in-context candidates from 16
@@ -22,6 +23,7 @@ import platform
 import statistics
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -43,44 +45,72 @@ SEEDS = (0, 1, 2)
 COLUMNS = ("dice", "ece", "ece_band", "brier", "auroc", "ueo", "ged", "ged_mean_only", "best_dice")
 
 
-def datasets(work: Path, shared: Path) -> list[tuple[str, RawDataset, list[str], str, str]]:
-    """(name, dataset, tasks, training site, normalisation) of every dataset of the bench."""
+@dataclass
+class Setting:
+    """One dataset of the bench and how its networks are trained."""
+
+    name: str
+    ds: RawDataset
+    tasks: list[str]
+    site: str  # the training site
+    norm: str
+    size: int = 64
+    steps: int = 600
+    n_models: int = 5
+    mc: tuple[int, ...] = (5, 10, 20, 50)
+
+
+def datasets(work: Path, shared: Path, steps: int, n_models: int) -> list[Setting]:
+    """Every dataset of the bench (those under `shared` only when present)."""
+    from weightzoo.data.import_raters import import_chasedb1
     from weightzoo.data.importers import import_wbc
     from weightzoo.data.synth import make_phantom_dataset
 
-    out = []
     ph = sorted((work / "phantom").glob("Dataset*"))
     ds = (
         RawDataset.open(ph[0])
         if ph
         else make_phantom_dataset(work / "phantom", 3, 24, 64, 8, seed=0, raters=3)
     )
-    out.append(("phantoms", ds, ["cord", "gm"], "A", "zscore"))
+    out = [Setting("phantoms", ds, ["cord", "gm"], "A", "zscore", 64, steps, n_models)]
     if (shared / "wbc").is_dir():
         wbc = sorted((work / "wbc").glob("Dataset*"))
         ds = RawDataset.open(wbc[0]) if wbc else import_wbc(shared / "wbc", work / "wbc", size=128)
-        out.append(("WBC", ds, ["nucleus", "cell"], "Dataset1", "rgb"))
+        out.append(Setting("WBC", ds, ["nucleus", "cell"], "Dataset1", "rgb", 64, steps, n_models))
     else:
         print(f"# WBC skipped: {shared / 'wbc'} not found", file=sys.stderr)
+    if (shared / "chasedb1").is_dir():  # real multi-rater data: two observers; one site
+        ch = sorted((work / "chasedb1").glob("Dataset*"))
+        ds = (
+            RawDataset.open(ch[0])
+            if ch
+            else import_chasedb1(shared / "chasedb1", work / "chasedb1", tile=128)
+        )
+        # 128 px crops at full resolution (thin vessels); fewer, shorter runs and only T = 20: 4x the pixels
+        out.append(Setting("CHASE_DB1", ds, ["vessel"], "chase", "rgb", 128, 300, 3, (20,)))
+    else:
+        print(f"# CHASE_DB1 skipped: {shared / 'chasedb1'} not found", file=sys.stderr)
     return out
 
 
-def models(
-    work: Path, name: str, ds: RawDataset, tasks: list[str], site: str, norm: str, n: int, steps: int
-) -> list[Any]:
+def models(work: Path, st: Setting) -> list[Any]:
     segs = []
-    for seed in range(n):
-        cfg = TrainConfig(tasks=tasks, preset="small", steps=steps, batch_size=16, seed=seed, dropout=0.1,
-                          size=(64, 64), normalization=norm, device="cpu")  # fmt: skip
-        res = train_model(ds, cfg, work / "models" / name / f"seed{seed}", sites=[site], progress=False)
+    for seed in range(st.n_models):
+        cfg = TrainConfig(tasks=st.tasks, preset="small", steps=st.steps, batch_size=16, seed=seed, dropout=0.1,
+                          size=(st.size, st.size), normalization=st.norm, device="cpu")  # fmt: skip
+        res = train_model(
+            st.ds, cfg, work / "models" / st.name / f"seed{seed}", sites=[st.site], progress=False
+        )
         segs.append(load_model(res.out_dir, "cpu"))
     return segs
 
 
-def sources(segs: list[Any], seed: int, support: tuple[np.ndarray, np.ndarray]) -> dict[str, Any]:
+def sources(
+    segs: list[Any], seed: int, support: tuple[np.ndarray, np.ndarray], mc: tuple[int, ...]
+) -> dict[str, Any]:
     seg = segs[seed]
     out: dict[str, Any] = {"deterministic": Ensemble([seg])}
-    for t in (5, 10, 20, 50):
+    for t in mc:
         out[f"MC dropout T={t}"] = MCDropout(seg, t, seed)
     out["TTA ×8"] = TTA(seg, 8)
     out["ensemble of 3"] = Ensemble([segs[(seed + i) % len(segs)] for i in range(3)])
@@ -102,13 +132,15 @@ def main() -> None:
     cells_path = work / "cells.json"
     cells: dict[str, Any] = json.loads(cells_path.read_text()) if cells_path.exists() else {}
     t0 = time.perf_counter()
-    for name, ds, tasks, site, norm in datasets(work, args.shared):
-        segs = models(work, name, ds, tasks, site, norm, args.models, args.steps)
+    for st in datasets(work, args.shared, args.steps, args.models):
+        name, ds, tasks, site = st.name, st.ds, st.tasks, st.site
+        segs = models(work, st)
         unseen = [s for s in ds.sites() if s != site]
         train = load_slices(ds, tasks, "train", [site], prep=segs[0].preprocessing)
+        groups = [("training site", [site])] + ([("unseen sites", unseen)] if unseen else [])
         for seed in SEEDS:
-            for label, source in sources(segs, seed, (train.images, train.labels)).items():
-                for where, sites in (("training site", [site]), ("unseen sites", unseen)):
+            for label, source in sources(segs, seed, (train.images, train.labels), st.mc).items():
+                for where, sites in groups:
                     key = f"{name}|{label}|{where}|{seed}"
                     if key in cells:
                         continue
@@ -183,16 +215,17 @@ def table(cells: dict[str, Any]) -> str:
 
 
 def figures(cells: dict[str, Any], work: Path) -> None:
+    """A reliability diagram per dataset: unseen sites where there are some, else the training site."""
     for name in sorted({k.split("|")[0] for k in cells}):
+        where = "unseen sites" if f"{name}|deterministic|unseen sites|0" in cells else "training site"
         curves = {}
         for label in ("deterministic", "MC dropout T=20", "ensemble of 3", "TTA ×8"):
-            key = f"{name}|{label}|unseen sites|0"
+            key = f"{name}|{label}|{where}|0"
             if key in cells:
-                first = next(iter(cells[key].values()))
-                curves[label] = first["reliability"]
+                curves[label] = next(iter(cells[key].values()))["reliability"]
         if curves:
-            task = next(iter(cells[f"{name}|deterministic|unseen sites|0"]))
-            fig = reliability_figure(curves, f"{name}, {task}, unseen sites (seed 0)")
+            task = next(iter(cells[f"{name}|deterministic|{where}|0"]))
+            fig = reliability_figure(curves, f"{name}, {task}, {where} (seed 0)")
             fig.savefig(work / f"reliability_{name}.png", dpi=100, bbox_inches="tight")
 
 

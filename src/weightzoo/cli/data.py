@@ -127,6 +127,21 @@ def register(app: typer.Typer) -> None:
 
         _run(import_dsb2018, src, out, tile=tile, size=size, per_site=per_site, dataset_id=dataset_id)
 
+    @data_app.command("import-chasedb1")
+    def import_chasedb1_cmd(
+        src: Path = typer.Argument(..., help="chasedb1 folder (Image_NNX.jpg, _1stHO.png, _2ndHO.png)."),
+        out: Path = typer.Option(..., "--out", "-o", help="Folder to create DatasetXXX_CHASEDB1 in."),
+        tile: int = typer.Option(
+            128, min=16, help="Cut each fundus into TILE x TILE px crops (full resolution)."
+        ),
+        size: int = typer.Option(None, min=8, help="Resize every crop to SIZE x SIZE (default: keep)."),
+        dataset_id: int = typer.Option(None, "--id", help="nnU-Net dataset id (default: next free >= 501)."),
+    ) -> None:
+        """Import CHASE_DB1 retinal vessels with BOTH observers (the second as an extra rater, for GED)."""
+        from weightzoo.data.import_raters import import_chasedb1
+
+        _run(import_chasedb1, src, out, tile=tile, size=size, dataset_id=dataset_id)
+
     def _folder_command(default_suffix: str, default_task: str, nifti: bool) -> Callable[..., None]:
         def command(
             src: Path = typer.Argument(..., help="Folder searched recursively for images and masks."),
