@@ -68,3 +68,15 @@ def test_usage_error_is_one_line_exit_2(argv: list[str], capsys: pytest.CaptureF
     assert "Traceback" not in err
     assert len(err.splitlines()) == 1, err
     assert err.startswith("error:") and "--help" in err, err
+
+
+def test_every_source_folder_is_a_package() -> None:
+    """setuptools' `find` (not namespace) packs only folders with an __init__.py: without one, a plain
+    `pip install` would silently leave a route out (prune/ and uncertainty/ once did)."""
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1] / "src" / "weightzoo"
+    folders = {p.parent for p in root.rglob("*.py")}
+    assert all((f / "__init__.py").exists() for f in folders), sorted(
+        str(f) for f in folders if not (f / "__init__.py").exists()
+    )
