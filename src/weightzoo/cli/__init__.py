@@ -65,7 +65,9 @@ _register()
 def _show_warning(message, category, filename, lineno, file=None, line=None):  # type: ignore[no-untyped-def]
     """User-facing warnings as one yellow line; anything else as Python prints it."""
     if issubclass(category, WeightzooWarning):
-        err_console.print(f"[yellow]warning:[/] {escape(one_line(str(message)))}", highlight=False, soft_wrap=True)
+        err_console.print(
+            f"[yellow]warning:[/] {escape(one_line(str(message)))}", highlight=False, soft_wrap=True
+        )
     else:
         _python_showwarning(message, category, filename, lineno, file, line)
 

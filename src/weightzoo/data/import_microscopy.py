@@ -1,4 +1,4 @@
-"""Import the two real multi-"site" microscopy sets of `../shared/data` as nnU-Net raw datasets.
+"""Import two public multi-"site" microscopy sets (AxonDeepSeg SEM/TEM, DSB 2018) as nnU-Net raw datasets.
 
 - `import_axondeepseg`: AxonDeepSeg's SEM (rat spinal cord) and TEM (mouse corpus callosum) BIDS
   folders as ONE dataset whose sites are the modalities; labels background 0 / myelin 1 / axon 2, tasks
@@ -88,7 +88,7 @@ def _axon_images(src: Path) -> list[tuple[Path, str, str]]:
     if not found:
         raise InputError(
             "no sub-*/micr/*_SEM.png or *_TEM.png images",
-            "give an AxonDeepSeg BIDS folder (e.g. ../shared/data/axondeepseg_sem)",
+            "give an AxonDeepSeg BIDS folder (sub-*/micr/*_SEM.png or *_TEM.png, masks under derivatives/labels)",
             src,
         )
     return found

@@ -1,6 +1,6 @@
 """Import real multi-rater data: CHASE_DB1 retinal vessels, annotated by two observers.
 
-CHASE_DB1 (`../shared/data/chasedb1`, CC BY 4.0): 28 RGB fundus images `Image_NNX.jpg` (NN: child 01–14,
+CHASE_DB1 (the public release, CC BY 4.0): 28 RGB fundus images `Image_NNX.jpg` (NN: child 01–14,
 X: left/right eye), 999 × 960 px, each with two vessel masks, `Image_NNX_1stHO.png` and
 `Image_NNX_2ndHO.png`. The first observer is the reference (labelsTr), the second one extra rater
 (labelsRaters/<case>_r1, dataset.json `raters: 1`): GED and inter-rater agreement become measurable.
@@ -50,7 +50,9 @@ def import_chasedb1(
     images = sorted(p for p in src.glob("Image_*.jpg") if _CHASE_IMAGE.match(p.name)) if src.is_dir() else []
     if not images:
         raise InputError(
-            "no Image_NNX.jpg fundus images", "give the CHASE_DB1 folder (../shared/data/chasedb1)", src
+            "no Image_NNX.jpg fundus images",
+            "give the CHASE_DB1 folder (Image_NNX.jpg with Image_NNX_1stHO.png and _2ndHO.png)",
+            src,
         )
     if tile < 16:
         raise InputError(f"--tile {tile} is too small", "use a tile of at least 16 px (default 128)")

@@ -12,6 +12,7 @@ by largest remainders so the total is still exact).
 from __future__ import annotations
 
 import math
+from abc import ABC, abstractmethod
 from collections.abc import Callable
 
 import torch
@@ -51,8 +52,8 @@ def _lowest(scores: torch.Tensor, k: int) -> torch.Tensor:
     return keep.view_as(scores)
 
 
-class Strategy:
-    """Scores each prunable weight; the lowest scores are pruned. Override `score`."""
+class Strategy(ABC):
+    """Scores each prunable weight; the lowest scores are pruned. Subclasses define `score`."""
 
     name = "strategy"
     layerwise = False
