@@ -62,10 +62,11 @@ class Strategy(ABC):
     def __init__(self, seed: int = 0):
         self.seed = seed
 
+    @abstractmethod
     def score(
         self, weight: torch.Tensor, grad: torch.Tensor | None, generator: torch.Generator
     ) -> torch.Tensor:
-        raise NotImplementedError
+        """A score per element of `weight` (higher = keep)."""
 
     @torch.no_grad()
     def masks(
