@@ -46,6 +46,16 @@ def output_paths(out: Path, tasks: list[str], one_file: bool) -> dict[str, Path]
     return {t: with_suffix_before_ending(out, f"_{t}") for t in tasks}
 
 
+def _kind(name: str, written: dict[str, Path], thr: float) -> str:
+    """', uncertainty map' for a map (`TASK_MAP` beside its TASK), ', probabilities' for -thr 0."""
+    from weightzoo.uncertainty.maps import MAPS
+
+    task, _, suffix = name.rpartition("_")
+    if suffix in MAPS and task in written:
+        return ", uncertainty map"
+    return ", probabilities" if thr == 0 else ""
+
+
 def with_suffix_before_ending(path: Path, suffix: str) -> Path:
     """out.nii.gz + '_entropy' -> out_entropy.nii.gz."""
     end = file_ending(path)
@@ -196,7 +206,7 @@ def register(app: typer.Typer) -> None:
         console = Console()
         for t, p in written.items():
             console.print(
-                f"[green]wrote[/] {escape(str(p))}  ({escape(t)}{', probabilities' if thr == 0 or '_' in t else ''})",
+                f"[green]wrote[/] {escape(str(p))}  ({escape(t)}{_kind(t, written, thr)})",
                 highlight=False,
                 soft_wrap=True,
             )

@@ -83,7 +83,9 @@ def run_cell(
     )
     spec, pruned = prune_network(seg, recipe, train)
     before = test_scores(NetSegmenter(pruned, spec, seg.tasks, seg.preprocessing), test)
-    tuned, info = prune_and_finetune(seg, recipe, out / "runs" / name, train, val, device, progress=False)
+    tuned, info = prune_and_finetune(
+        seg, recipe, out / "runs" / name, train, val, device, progress=False, pruned=(spec, pruned)
+    )
     after = test_scores(tuned, test)
     cell = {
         "cell": name,

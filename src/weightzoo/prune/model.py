@@ -193,15 +193,17 @@ def prune_and_finetune(
     progress: bool = True,
     timing: bool = True,
     data_info: dict[str, Any] | None = None,
+    pruned: tuple[Any, torch.nn.Module] | None = None,
 ) -> tuple[NetSegmenter, dict[str, Any]]:
     """Prune `seg`, fine-tune it for recipe.finetune_steps on `train` (masks kept at zero), and write
-    the model folder `out`. Resumable: re-running the same call continues a killed fine-tune."""
+    the model folder `out`. Resumable: re-running the same call continues a killed fine-tune.
+    `pruned`: the (spec, network) `prune_network` already gave for this recipe, so it is not redone."""
     from weightzoo.segmenter import load_model
     from weightzoo.train.loop import StartFrom, train_on_slices
 
     if recipe.finetune_steps and train is None:
         raise InputError(f"--finetune-steps {recipe.finetune_steps} needs training data", "give --dataset")
-    spec, net = prune_network(seg, recipe, train)
+    spec, net = pruned if pruned is not None else prune_network(seg, recipe, train)
     info = prune_info(recipe, seg, net, timing)
     if not recipe.finetune_steps:
         _refuse_other_model(Path(out), recipe)
