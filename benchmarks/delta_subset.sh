@@ -40,3 +40,4 @@ for sub in norm_seg all; do
   weightzoo generate eval "${gens[@]}" --zoo "$W/zoo" --dataset "$DS" --out "$W/eval_$sub" --candidates 8
   echo "subset $sub done at $(( $(date +%s) - t0 )) s"
 done
+python "$(dirname "$0")/delta_subset_table.py" "$W"
