@@ -46,6 +46,7 @@ COMMAND_MODULES = (
     "heads",
     "incontext",
     "prune",
+    "hyper",
     "demo",
 )
 

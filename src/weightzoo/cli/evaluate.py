@@ -16,11 +16,12 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from weightzoo.cli.segment import MC_SEED_OPTION, ZOO_OPTION
+from weightzoo.cli.segment import MC_SEED_OPTION, SCALE_OPTION, ZOO_OPTION
 from weightzoo.data.raw import SPLIT_NAMES, RawDataset
 from weightzoo.errors import InputError, UnknownNameError
 from weightzoo.evaluate.summary import evaluate_segmenter, summary_line, write_summary
 from weightzoo.heads import evaluate_headed, is_heads_folder, load_any_model
+from weightzoo.hyper.model import evaluate_hyper_sites, hyper_segmenter, is_hyper_folder
 from weightzoo.segmenter import MODEL_JSON, load_model
 
 
@@ -95,12 +96,22 @@ def register(app: typer.Typer) -> None:
         ),
         zoo: Path | None = ZOO_OPTION,
         seed: int = MC_SEED_OPTION,
+        scale: float | None = SCALE_OPTION,
     ) -> None:
         """Evaluate a model per case (Dice, IoU, HD95; nnU-Net rules) and write summary.json."""
         if split not in (*SPLIT_NAMES, "all"):
             raise UnknownNameError("split", split, [*SPLIT_NAMES, "all"])
         heads = is_heads_folder(model)  # site heads: each case is routed to its site's head
-        seg = load_any_model(model, device=device) if heads else load_model(model, device=device)
+        hyper_sites = False
+        if is_hyper_folder(model):  # scale: the network for --scale; site: each case gets its site's weights
+            from weightzoo.hyper.model import load_hyper
+
+            hyper_sites = load_hyper(model)[0].hcfg.condition == "site"
+            seg = hyper_segmenter(model, scale, None, device)  # a site model: the unknown-site weights
+        elif scale is not None:
+            raise InputError("--scale needs a scale hypernetwork folder (hyper.json)", "drop --scale", model)
+        else:
+            seg = load_any_model(model, device=device) if heads else load_model(model, device=device)
         for t in task or []:
             if t not in seg.tasks:
                 raise UnknownNameError("task", t, seg.tasks, Path(model) / MODEL_JSON)
@@ -118,15 +129,18 @@ def register(app: typer.Typer) -> None:
             )
             if heads:
                 summary = evaluate_headed(model, ds, device=device, **kwargs)
+            elif hyper_sites:
+                summary = evaluate_hyper_sites(model, ds, device=device, **kwargs)
             else:
                 summary = evaluate_segmenter(seg, ds, **kwargs)
         if uncertainty is not None:
             from weightzoo.uncertainty.evaluate import evaluate_uncertainty
             from weightzoo.uncertainty.sources import make_source
 
-            if heads:
+            if heads or hyper_sites:
                 raise InputError(
-                    "--uncertainty works on model folders, not heads folders", "drop --uncertainty"
+                    "--uncertainty works on model folders, not heads or site-hypernetwork folders",
+                    "drop --uncertainty, or sample one site with weightzoo hyper sample",
                 )
             one_site = site[0] if site and len(site) == 1 else None
             one_task = task[0] if task and len(task) == 1 else None

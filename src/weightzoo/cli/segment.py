@@ -23,6 +23,7 @@ from weightzoo.data.io import NIFTI_ENDINGS, Image, file_ending, read_image, wri
 from weightzoo.errors import InputError, UnknownNameError
 from weightzoo.fileio import check_output_file, check_output_folder
 from weightzoo.heads import is_heads_folder, load_any_model
+from weightzoo.hyper.model import hyper_segmenter, is_hyper_folder
 from weightzoo.postprocess import largest_component, threshold
 from weightzoo.segmenter import MODEL_JSON, load_model, segment_image
 
@@ -87,6 +88,7 @@ def segment_file(
     uncertainty: str | None = None,
     zoo: Path | None = None,
     seed: int = 0,
+    scale: float | None = None,
 ) -> dict[str, Path]:
     """Segment one image file; returns {task: written file} (plus {task_MAP: file} for each
     uncertainty map). See the module docstring."""
@@ -99,7 +101,11 @@ def segment_file(
     if thr != 0:
         threshold(np.zeros(1), thr)  # reject a bad threshold before any work
     image = read_image(image_path)
-    if is_heads_folder(model_dir):  # site heads: --site picks the head (none: the universal head)
+    if is_hyper_folder(model_dir):  # a hypernetwork: --scale or --site picks the weights
+        seg = hyper_segmenter(model_dir, scale, site, device)
+    elif scale is not None:
+        raise InputError("--scale needs a scale hypernetwork folder (hyper.json)", "drop --scale", model_dir)
+    elif is_heads_folder(model_dir):  # site heads: --site picks the head (none: the universal head)
         seg = load_any_model(model_dir, site=site, device=device)
     else:
         seg = load_model(model_dir, device=device)
@@ -161,6 +167,11 @@ def segment_file(
     return paths
 
 
+SCALE_OPTION = typer.Option(
+    None, "--scale", help="φ of a scale hypernetwork (hyper.json folder): the accuracy-cost point to run."
+)
+
+
 def register(app: typer.Typer) -> None:
     @app.command("segment")
     def segment(
@@ -168,7 +179,7 @@ def register(app: typer.Typer) -> None:
             ..., "-i", "--image", help="NIfTI volume (.nii/.nii.gz) or 2-D image (PNG/BMP/TIFF)."
         ),
         model: Path = typer.Option(
-            ..., "-m", "--model", help="Model folder (model.json + model.safetensors)."
+            ..., "-m", "--model", help="Model folder (model.json), heads folder or hyper folder."
         ),
         out: Path | None = typer.Option(
             None, "-o", "--out", help="Output file (default: IMAGE_seg.nii.gz / IMAGE_seg.png)."
@@ -187,8 +198,8 @@ def register(app: typer.Typer) -> None:
         site: str | None = typer.Option(
             None,
             "--site",
-            help="Site of the image: picks its head in a heads model (default: universal head); "
-            "the zoo site of --uncertainty zoo:K.",
+            help="Site of the image: picks its head in a heads model (default: universal head), its "
+            "weights in a site hypernetwork; the zoo site of --uncertainty zoo:K.",
         ),
         uncertainty: str | None = typer.Option(
             None,
@@ -198,10 +209,11 @@ def register(app: typer.Typer) -> None:
         ),
         zoo: Path | None = ZOO_OPTION,
         seed: int = MC_SEED_OPTION,
+        scale: float | None = SCALE_OPTION,
     ) -> None:
         """Segment an image with a trained model; the mask lies exactly on the input's grid."""
         written = segment_file(
-            image, model, out, thr, largest, qc, task, device, site, uncertainty, zoo, seed
+            image, model, out, thr, largest, qc, task, device, site, uncertainty, zoo, seed, scale
         )
         console = Console()
         for t, p in written.items():

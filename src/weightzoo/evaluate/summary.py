@@ -277,3 +277,56 @@ def summary_line(summary: dict[str, Any], task: str, metric: str = "Dice", site:
     if s is None or (isinstance(s, float) and math.isnan(s)):
         return f"{m:.3f}"
     return f"{m:.3f} ± {s:.3f}"
+
+
+def evaluate_by_site(
+    segmenter_for: Callable[[str], tuple[Segmenter, str]],
+    ds: RawDataset,
+    split: str | None = "test",
+    sites: Sequence[str] | None = None,
+    tasks: Sequence[str] | None = None,
+    threshold: float = 0.5,
+    on_case: Callable[[int, int, str], None] | None = None,
+    model_name: str = "model",
+) -> dict[str, Any]:
+    """Evaluate with each case routed to its site's Segmenter: `segmenter_for(site)` -> (Segmenter,
+    what was used, e.g. the head's name). One summary over all chosen cases, plus `used` {site: what}."""
+    cases = ds.cases_in(split, sites)
+    if not cases:
+        raise InputError(
+            f"no cases in split={split} sites={list(sites) if sites else 'all'}",
+            "check the dataset's splits and sites",
+            ds.root,
+        )
+    per_site: dict[str, list[str]] = {}
+    for c in cases:
+        per_site.setdefault(ds.site(c), []).append(c)
+    merged: dict[str, Any] | None = None
+    seconds, per_case, used, done = 0.0, [], {}, 0
+    for site, site_cases in per_site.items():
+        seg, used[site] = segmenter_for(site)
+
+        def progress(i: int, n: int, case: str, offset: int = done) -> None:
+            if on_case is not None:
+                on_case(offset + i, len(cases), case)
+
+        summ = evaluate_segmenter(
+            seg, ds, split, tasks=tasks, threshold=threshold, cases=site_cases, on_case=progress
+        )
+        done += len(site_cases)
+        seconds += summ["seconds_to_evaluate"]
+        per_case += summ["metric_per_case"]
+        merged = merged or summ
+    assert merged is not None
+    order = {c: i for i, c in enumerate(cases)}
+    per_case.sort(key=lambda r: order[r["case"]])
+    merged.update(aggregate(per_case, merged["tasks"]))
+    merged.update(
+        model=model_name,
+        sites=sorted(per_site),
+        n_cases=len(per_case),
+        used=used,
+        seconds_to_evaluate=round(seconds, 3),
+        metric_per_case=per_case,
+    )
+    return merged

@@ -198,7 +198,7 @@ def run_phase(
     sampler: Sampler,
     cfg: TrainConfig,
     phase: str,
-    val: tuple[Any, SliceSet] | None = None,
+    val: tuple[Any, SliceSet] | list[tuple[Any, SliceSet]] | None = None,
     run_dir: Path | None = None,
     identity: dict[str, Any] | None = None,
     progress: bool = False,
@@ -206,12 +206,14 @@ def run_phase(
 ) -> PhaseResult:
     """Train `model(x, cond)`'s trainable parameters for cfg.steps steps (cfg.learning_rate, poly).
 
-    sampler(generator) -> (indices into train [B], cond); val = (cond, slices) validated every
+    sampler(generator) -> (indices into train [B], cond); val = (cond, slices), or a list of them
+    (the logged loss and Dice per task are then means over the list), validated every
     cfg.val_every steps (Dice per task). With `run_dir`, a checkpoint is written every
     cfg.checkpoint_every steps and resumed from when its `identity` matches (else a ModelError).
     `stop_after`: return unfinished (as if killed) once this call has run that many steps (tests).
     """
     device = resolve_device(cfg.device)
+    vals = [] if val is None else val if isinstance(val, list) else [val]
     model.to(device).train()
     optimizer = make_optimizer(model, cfg)
     loss_fn, amp = DiceBCELoss(), autocast_dtype(cfg, device)
@@ -265,8 +267,8 @@ def run_phase(
             loss_sum, loss_n, done = loss_sum + float(loss), loss_n + 1, step + 1
             if done % cfg.val_every == 0 or done == cfg.steps:
                 entry: dict[str, Any] = {"step": done, "train_loss": loss_sum / loss_n, "lr": lr}
-                if val is not None:
-                    vloss, vdice = evaluate_slices(_Bound(model, val[0]), val[1], loss_fn, device, amp)
+                if vals:
+                    vloss, vdice = _validate(model, vals, loss_fn, device, amp)
                     entry.update(val_loss=vloss, val_dice=dict(zip(cfg.tasks, vdice, strict=True)))
                 entry["seconds"] = round(seconds(), 3)
                 history.append(entry)
@@ -288,6 +290,18 @@ def run_phase(
                 return PhaseResult(history, seconds(), False, start, done - start)
     model.eval()
     return PhaseResult(history, seconds(), True, start, cfg.steps - start)
+
+
+def _validate(
+    model: nn.Module, vals: list[tuple[Any, SliceSet]], loss_fn: DiceBCELoss, device: torch.device, amp: Any
+) -> tuple[float, list[float]]:
+    """Mean over (cond, slices) pairs of val loss and Dice per task (NaN where no pair has foreground)."""
+    results = [evaluate_slices(_Bound(model, c), s, loss_fn, device, amp) for c, s in vals]
+    dice = np.array([d for _, d in results], dtype=float)  # [pairs, tasks]
+    per_task = [
+        float(np.mean(col[~np.isnan(col)])) if (~np.isnan(col)).any() else float("nan") for col in dice.T
+    ]
+    return float(np.mean([v for v, _ in results])), per_task
 
 
 @torch.no_grad()

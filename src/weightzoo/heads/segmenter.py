@@ -19,7 +19,6 @@ from typing import Any
 import torch
 
 from weightzoo.data.raw import RawDataset
-from weightzoo.errors import InputError
 from weightzoo.heads.model import UNIVERSAL, HeadedModel, SiteWarning, is_heads_folder
 from weightzoo.segmenter import NetSegmenter, Segmenter, load_model, read_model_json, resolve_device
 
@@ -104,53 +103,27 @@ def evaluate_headed(
 
     Returns one summary (as `evaluate_segmenter`) over all chosen cases, plus `heads_used` {site: head}.
     """
-    from weightzoo.evaluate.summary import aggregate, evaluate_segmenter
+    from weightzoo.evaluate.summary import evaluate_by_site
 
     hm = model if isinstance(model, HeadedModel) else HeadedModel.load(model)
-    cases = ds.cases_in(split, sites)
-    if not cases:
-        raise InputError(
-            f"no cases in split={split} sites={list(sites) if sites else 'all'}",
-            "check the dataset's splits and sites",
-            ds.root,
-        )
     seg = HeadedSegmenter(hm, None, resolve_device(device))
-    per_site: dict[str, list[str]] = {}
-    for c in cases:
-        per_site.setdefault(ds.site(c), []).append(c)
-    merged: dict[str, Any] | None = None
-    seconds = 0.0
-    per_case: list[dict[str, Any]] = []
-    used: dict[str, str] = {}
-    done = 0
-    for site, site_cases in per_site.items():
+
+    def segmenter_for(site: str) -> tuple[Segmenter, str]:
         seg.use(site)
-        used[site] = seg.head
+        return seg, seg.head
 
-        def progress(i: int, n: int, case: str, offset: int = done) -> None:
-            if on_case is not None:
-                on_case(offset + i, len(cases), case)
-
-        summ = evaluate_segmenter(
-            seg, ds, split, tasks=tasks, threshold=threshold, cases=site_cases, on_case=progress
-        )
-        done += len(site_cases)
-        seconds += summ["seconds_to_evaluate"]
-        per_case += summ["metric_per_case"]
-        merged = merged or summ
-    assert merged is not None
-    order = {c: i for i, c in enumerate(cases)}
-    per_case.sort(key=lambda r: order[r["case"]])
-    merged.update(aggregate(per_case, merged["tasks"]))
-    merged.update(
-        model=f"{hm.folder.name if hm.folder else 'heads'} (site heads)",
-        sites=sorted(per_site),
-        n_cases=len(per_case),
-        heads_used=used,
-        seconds_to_evaluate=round(seconds, 3),
-        metric_per_case=per_case,
+    summary = evaluate_by_site(
+        segmenter_for,
+        ds,
+        split,
+        sites,
+        tasks,
+        threshold,
+        on_case,
+        f"{hm.folder.name if hm.folder else 'heads'} (site heads)",
     )
-    return merged
+    summary["heads_used"] = summary.pop("used")
+    return summary
 
 
 def export_head(folder: str | Path, site: str, out_dir: str | Path, nnunet: bool = True) -> Path:

@@ -25,6 +25,10 @@ from torch import nn
 from weightzoo.errors import ModelError, UnknownNameError
 
 PLAIN_CONV_UNET = "dynamic_network_architectures.architectures.unet.PlainConvUNet"
+# weightzoo's own U-Net whose levels resize by a continuous factor (arch_kwargs["scale"]); 2-D, no
+# nnU-Net export. See weightzoo.nets.functional_unet.
+SCALE_SPACE_UNET = "weightzoo.nets.functional_unet.ScaleSpaceUNet"
+NETWORK_CLASSES = (PLAIN_CONV_UNET, SCALE_SPACE_UNET)
 
 # import path (as written in nnU-Net plans) -> class. The only ops a spec may name.
 ALLOWED_OPS: dict[str, type[nn.Module]] = {
@@ -112,7 +116,9 @@ class ArchSpec:
             raise ModelError(
                 f"not a valid ArchSpec ({e!r})", "re-create the model with weightzoo", source
             ) from None
-        check_arch_kwargs(spec.arch_kwargs, spec.input_channels, spec.num_classes, source)
+        check_arch_kwargs(
+            spec.arch_kwargs, spec.input_channels, spec.num_classes, source, spec.network_class_name
+        )
         return spec
 
     def to_dict(self) -> dict[str, Any]:
@@ -142,7 +148,9 @@ class ArchSpec:
 
     @property
     def size_divisor(self) -> int:
-        """Input H and W must be multiples of this (product of the strides)."""
+        """Input H and W must be multiples of this (product of the strides; 1 for a scale-space net)."""
+        if self.network_class_name == SCALE_SPACE_UNET:
+            return 1
         d = 1
         for s in self.arch_kwargs["strides"]:
             d *= int(s[0] if isinstance(s, (list, tuple)) else s)
@@ -156,10 +164,15 @@ class ArchSpec:
 
 MAX_STAGES, MAX_FEATURES, MAX_CONVS, MAX_KERNEL, MAX_IO = 10, 4096, 8, 15, 256
 ARCH_KEYS = set(_unet_kwargs([1], 1, 0.5)) | {"deep_supervision"}
+SCALE_KEY = "scale"  # a scale-space U-Net's resize factor φ
 
 
 def check_arch_kwargs(
-    kw: Any, input_channels: int = 1, num_classes: int = 1, source: str | Path | None = None
+    kw: Any,
+    input_channels: int = 1,
+    num_classes: int = 1,
+    source: str | Path | None = None,
+    network_class: str = PLAIN_CONV_UNET,
 ) -> None:
     """A one-line ModelError (naming `source`) unless `kw` is a PlainConvUNet block we can build
     within the caps."""
@@ -176,9 +189,23 @@ def check_arch_kwargs(
 
     if not isinstance(kw, dict):
         raise bad(f"must be a mapping, got {type(kw).__name__}")
-    unknown = sorted(set(kw) - ARCH_KEYS)
+    unknown = sorted(set(kw) - ARCH_KEYS - ({SCALE_KEY} if network_class == SCALE_SPACE_UNET else set()))
     if unknown:
         raise bad(f"unknown key(s) {unknown}")
+    if network_class not in NETWORK_CLASSES:
+        raise bad(
+            f"network class {str(network_class)[:80]!r} is not one weightzoo builds ({', '.join(NETWORK_CLASSES)})"
+        )
+    if network_class == SCALE_SPACE_UNET:
+        from weightzoo.nets.functional_unet import PHI_RANGE
+
+        phi = kw.get(SCALE_KEY)
+        if (
+            not isinstance(phi, (int, float))
+            or isinstance(phi, bool)
+            or not PHI_RANGE[0] <= phi <= PHI_RANGE[1]
+        ):
+            raise bad(f"scale must be a number in [{PHI_RANGE[0]}, {PHI_RANGE[1]}], got {phi!r:.40}")
     n = kw.get("n_stages")
     if not isinstance(n, int) or isinstance(n, bool) or not 1 <= n <= MAX_STAGES:
         raise bad(f"n_stages must be an integer in [1, {MAX_STAGES}], got {n!r}")
@@ -224,10 +251,14 @@ def build_network(spec: ArchSpec, seed: int | None = None) -> nn.Module:
 
     With `seed`, initialisation is deterministic and independent of the global RNG state.
     """
+    if spec.network_class_name == SCALE_SPACE_UNET:
+        from weightzoo.nets.functional_unet import ScaleSpaceUNet
+
+        return ScaleSpaceUNet(spec.input_channels, spec.num_classes, spec.arch_kwargs, seed)
     if spec.network_class_name != PLAIN_CONV_UNET:
         raise ModelError(
             f"network class {spec.network_class_name!r} is not supported",
-            f"weightzoo builds {PLAIN_CONV_UNET} only",
+            f"weightzoo builds {', '.join(NETWORK_CLASSES)}",
         )
     try:
         from dynamic_network_architectures.architectures.unet import PlainConvUNet
@@ -246,6 +277,17 @@ def build_network(spec: ArchSpec, seed: int | None = None) -> nn.Module:
         )
         net.apply(PlainConvUNet.initialize)
     return net
+
+
+def require_plain_unet(spec: ArchSpec, what: str, source: str | Path | None = None) -> None:
+    """A one-line ModelError unless `spec` is nnU-Net's PlainConvUNet (zoo, export, pruning, generation
+    and bases work on its parameter layout; a scale-space network only segments and evaluates)."""
+    if spec.network_class_name != PLAIN_CONV_UNET:
+        raise ModelError(
+            f"{what} works on nnU-Net PlainConvUNet models; this one is a {spec.network_class_name.rsplit('.', 1)[-1]}",
+            "use it with segment and evaluate, or a PlainConvUNet model here",
+            source,
+        )
 
 
 class _null:

@@ -35,7 +35,13 @@ from safetensors import SafetensorError
 from safetensors.torch import load as safetensors_load
 
 from weightzoo.errors import InputError, ModelError
-from weightzoo.nets.unet import ArchSpec, build_network, check_state_dict, load_real_state_dict
+from weightzoo.nets.unet import (
+    ArchSpec,
+    build_network,
+    check_state_dict,
+    load_real_state_dict,
+    require_plain_unet,
+)
 from weightzoo.train.config import TRAINABLE
 
 SUBSETS = TRAINABLE
@@ -107,6 +113,7 @@ def load_base(folder: str | Path) -> BaseNet:
 
     folder = Path(folder)
     meta = read_model_json(folder)
+    require_plain_unet(ArchSpec.from_dict(meta["arch"], folder), "a base", folder)
     wpath = folder / MODEL_WEIGHTS
     try:
         weights = wpath.read_bytes()

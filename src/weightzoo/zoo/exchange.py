@@ -263,10 +263,12 @@ def export_model_folder(
     import warnings
 
     from weightzoo.errors import WeightzooWarning
+    from weightzoo.nets.unet import require_plain_unet
     from weightzoo.segmenter import load_model, read_model_json
 
     meta = read_model_json(model_dir)
     seg = load_model(model_dir, "cpu")  # checks the weights against the architecture
+    require_plain_unet(seg.spec, "the zoo and nnU-Net export", model_dir)
     desc = _description_of(meta, dataset)
     missing = [t for t in seg.tasks if t not in ((desc or {}).get("task_labels") or {})]
     if desc is None or missing:
