@@ -5,7 +5,8 @@ Per data set, site and task, the test-subject Dice (mean over test subjects, the
 seeds) of: the universal model (backbone + universal head, all sites, site-balanced sampling); site
 heads with n = 0, 1, 2 decoder stages (backbone frozen, initialised from the universal head); a
 specialist trained from scratch on that site alone (same recipe and steps as the universal model); and
-a FiLM site-conditioned single model (same steps). Nothing is selected on test data: every model is
+a FiLM site-conditioned single model (same steps); and a site hypernetwork (weightzoo.hyper, MIP, one-hot
+site code -> every weight of the network, same steps). Nothing is selected on test data: every model is
 its last iterate; validation subjects are not used at all. Few-shot curve: a backbone trained without
 the new site, then heads (n = 1, 2) from k labelled TRAIN subjects of the new site, scored on its TEST
 subjects; k = 0 is that backbone's universal head.
@@ -20,6 +21,8 @@ processes and a step becomes 20-40x slower. Training times are CPU seconds of th
     python benchmarks/site_heads.py                 # full: phantoms + WBC + SCT sanity, 3 seeds
     python benchmarks/site_heads.py --quick         # 1 seed, small phantoms only (~3 min)
     python benchmarks/site_heads.py --data phantom --seeds 0 1 2 --steps 250 --out runs/bench_heads
+    python benchmarks/site_heads.py --data phantom --preset small --steps 500 --no-curve   # a realistic size
+    python benchmarks/site_heads.py --data wbc,axon,nuclei --no-curve                     # real multi-site data
 """
 
 from __future__ import annotations
@@ -47,14 +50,15 @@ from weightzoo.heads.film import FiLMSegmenter, train_film
 from weightzoo.heads.model import UNIVERSAL, HeadedModel
 from weightzoo.heads.segmenter import HeadedSegmenter
 from weightzoo.heads.train import pick_subjects, train_backbone, train_site_head
+from weightzoo.hyper import HyperConfig, train_hyper_on_slices
 from weightzoo.nets.unet import ArchSpec, count_parameters
-from weightzoo.segmenter import Segmenter
+from weightzoo.segmenter import NetSegmenter, Segmenter
 from weightzoo.train.config import TrainConfig
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 HEAD_NS = (0, 1, 2)
 CURVE_HEAD_NS = (1, 2)
-METHODS = ("universal", "heads n=0", "heads n=1", "heads n=2", "specialist", "FiLM")
+METHODS = ("universal", "heads n=0", "heads n=1", "heads n=2", "specialist", "FiLM", "hyper")
 
 
 @dataclass
@@ -142,6 +146,36 @@ def sct_bench(tmp: Path, quick: bool, seeds: list[int]) -> Bench | None:
     )
 
 
+def axon_bench(tmp: Path, quick: bool, seeds: list[int]) -> Bench | None:
+    """AxonDeepSeg: SEM (rat spinal cord) vs TEM (mouse corpus callosum), tasks axon and myelin."""
+    srcs = [SHARED / "axondeepseg_sem", SHARED / "axondeepseg_tem"]
+    if not all(s.is_dir() for s in srcs):
+        print(f"axon SEM/TEM skipped: {srcs} not found")
+        return None
+    from weightzoo.data.import_microscopy import import_axondeepseg
+
+    ds = import_axondeepseg(srcs, tmp, tile=256, size=64)
+    note = "AxonDeepSeg SEM (10 images, 8 rats) and TEM (21 images, 10 mice): 256 px crops resized to 64 px; subject = animal"
+    return Bench(
+        "Axon EM", ds, ["axon", "myelin"], Preprocessing("zscore", (64, 64), 2, 1), seeds, None, [], note
+    )
+
+
+def nuclei_bench(tmp: Path, quick: bool, seeds: list[int]) -> Bench | None:
+    """DSB 2018 nuclei: each acquisition type (modality and image size) is a site."""
+    src = SHARED / "dsb2018_nuclei"
+    if not src.is_dir():
+        print(f"nuclei skipped: {src} not found")
+        return None
+    from weightzoo.data.import_microscopy import import_dsb2018
+
+    ds = import_dsb2018(src, tmp, tile=256, size=64, per_site=20 if quick else 60)
+    note = "DSB 2018 nuclei, sites = acquisition types; first 60 images per type, 256 px crops resized to 64 px; subject = image"
+    return Bench(
+        "Nuclei (DSB)", ds, ["nucleus"], Preprocessing("zscore", (64, 64), 2, 1), seeds, None, [], note
+    )
+
+
 # ---- one bench --------------------------------------------------------------------------------------
 def dice_of(seg: Segmenter, test: SliceSet, tasks: list[str]) -> dict[str, float]:
     """Mean test-subject Dice per task (per-case Dice on the stacked slices; NaN cases left out)."""
@@ -149,7 +183,14 @@ def dice_of(seg: Segmenter, test: SliceSet, tasks: list[str]) -> dict[str, float
     return {t: float(summ["mean"][t]["Dice"]) for t in tasks}
 
 
-def run_bench(b: Bench, steps: int, head_steps: int, log: Callable[[str], None]) -> dict[str, Any]:
+def run_bench(
+    b: Bench,
+    steps: int,
+    head_steps: int,
+    log: Callable[[str], None],
+    preset: str = "tiny",
+    curve_on: bool = True,
+) -> dict[str, Any]:
     tr = load_slices(b.ds, b.tasks, "train", prep=b.prep)
     te = load_slices(b.ds, b.tasks, "test", prep=b.prep)
     sites = tr.sites()
@@ -157,14 +198,14 @@ def run_bench(b: Bench, steps: int, head_steps: int, log: Callable[[str], None])
         m: {s: {t: [] for t in b.tasks} for s in sites} for m in METHODS
     }
     seconds: dict[str, list[float]] = {
-        k: [] for k in ("backbone", "specialist", "FiLM", *(f"head n={n}" for n in HEAD_NS))
+        k: [] for k in ("backbone", "specialist", "FiLM", "hyper", *(f"head n={n}" for n in HEAD_NS))
     }
     params: dict[str, int] = {}
     curve: dict[str, dict[str, list[float]]] = {}
     t_bench = time.perf_counter()
     for seed in b.seeds:
         cfg = TrainConfig(
-            tasks=b.tasks, preset="tiny", optimizer="adam", lr=1e-2, steps=steps, batch_size=8,
+            tasks=b.tasks, preset=preset, optimizer="adam", lr=1e-2, steps=steps, batch_size=8,
             size=b.prep.size, normalization=b.prep.normalization, seed=seed, device="cpu",
             val_every=steps, checkpoint_every=steps,
         )  # fmt: skip
@@ -191,7 +232,7 @@ def run_bench(b: Bench, steps: int, head_steps: int, log: Callable[[str], None])
         log(f"{b.name} seed {seed}: specialists done")
         (film, r), cpu = cpu_timed(train_film, tr, None, cfg)
         seconds["FiLM"].append(cpu)
-        spec = ArchSpec.preset("tiny", b.prep.channels, len(b.tasks))
+        spec = ArchSpec.preset(preset, b.prep.channels, len(b.tasks))
         params["FiLM per site"] = film.n_params_per_site()
         for s in sites:
             record(
@@ -199,7 +240,17 @@ def run_bench(b: Bench, steps: int, head_steps: int, log: Callable[[str], None])
                 dice_of(FiLMSegmenter(film, spec, b.tasks, b.prep, s), te.where(site=s), b.tasks),
             )
         log(f"{b.name} seed {seed}: FiLM {r.seconds:.0f}s")
-        if b.new_site:
+        (hyper, r), cpu = cpu_timed(
+            train_hyper_on_slices, tr, None, cfg, HyperConfig(condition="site", sites=sites)
+        )
+        seconds["hyper"].append(cpu)
+        params["hyper"] = hyper.hyper.n_hyper_params()
+        for s in sites:
+            net = hyper.sample_network(hyper.site_index(s))
+            seg = NetSegmenter(net, spec, b.tasks, b.prep)
+            record(dice["hyper"][s], dice_of(seg, te.where(site=s), b.tasks))
+        log(f"{b.name} seed {seed}: site hypernetwork {r.seconds:.0f}s")
+        if b.new_site and curve_on:
             run_curve(b, tr, te, cfg, hcfg, seed, curve)
             log(f"{b.name} seed {seed}: few-shot curve done ({time.perf_counter() - t_bench:.0f}s so far)")
     return {
@@ -208,6 +259,7 @@ def run_bench(b: Bench, steps: int, head_steps: int, log: Callable[[str], None])
         "tasks": b.tasks,
         "sites": sites,
         "seeds": b.seeds,
+        "preset": preset,
         "steps": steps,
         "head_steps": head_steps,
         "n_test_subjects": {s: len({m["subject"] for m in te.where(site=s).meta}) for s in sites},
@@ -316,6 +368,10 @@ def markdown(r: dict[str, Any]) -> str:
     out.append(
         f"| FiLM (whole model; per-site part {r['params']['FiLM per site']}) | {r['params']['network'] + (len(r['sites']) + 1) * r['params']['FiLM per site']:,} | – | {fi:.1f} | {fi / backbone:.2f} |"
     )
+    hy = ms(r["seconds"]["hyper"])[0]
+    out.append(
+        f"| site hypernetwork (MIP; θ₀ = a network, + hypernetwork) | {r['params']['network'] + r['params']['hyper']:,} | – | {hy:.1f} | {hy / backbone:.2f} |"
+    )
     if r["curve"]:
         c, new = r["curve"], r["new_site"]
         out += [
@@ -351,6 +407,16 @@ def goals(r: dict[str, Any]) -> list[str]:
             f"{r['name']}, {m}: ≥ universal on {ok}/{len(cells)} site×task cells, mean gain {100 * gain:+.1f} "
             f"Dice points; fine-tune CPU time {100 * sec:.1f}% of the universal model's"
         )
+    cells = [(s, t) for s in r["sites"] for t in r["tasks"]]
+    hyper = {c: ms(r["dice"]["hyper"][c[0]][c[1]])[0] for c in cells}
+    ok_u = sum(hyper[c] >= ms(r["dice"]["universal"][c[0]][c[1]])[0] for c in cells)
+    best_heads = {c: max(ms(r["dice"][f"heads n={n}"][c[0]][c[1]])[0] for n in HEAD_NS) for c in cells}
+    within = sum(hyper[c] >= best_heads[c] - 0.01 for c in cells)
+    lines.append(
+        f"{r['name']}, site hypernetwork: ≥ universal on {ok_u}/{len(cells)} cells; within 1 point of (or above) "
+        f"the best heads on {within}/{len(cells)}; mean vs best heads "
+        f"{100 * np.nanmean([hyper[c] - best_heads[c] for c in cells]):+.1f} points"
+    )
     if r["curve"]:
         for n in CURVE_HEAD_NS:
             for t in r["tasks"]:
@@ -374,6 +440,8 @@ def main() -> None:
         "--data", default=None, help="comma list of phantom,wbc,sct (default all; quick: phantom)"
     )
     ap.add_argument("--out", type=Path, default=None, help="write results.json and tables.md here")
+    ap.add_argument("--preset", default="tiny", help="network preset (tiny: 3.7 k parameters; small: 483 k)")
+    ap.add_argument("--no-curve", action="store_true", help="skip the few-shot curve of a left-out site")
     args = ap.parse_args()
     torch.set_num_threads(1)  # see module docstring
     seeds = args.seeds or ([0] if args.quick else [0, 1, 2])
@@ -385,14 +453,20 @@ def main() -> None:
     def log(msg: str) -> None:
         print(f"[{time.perf_counter() - t0:6.0f}s] {msg}", flush=True)
 
-    makers = {"phantom": phantom_bench, "wbc": wbc_bench, "sct": sct_bench}
+    makers = {
+        "phantom": phantom_bench,
+        "wbc": wbc_bench,
+        "sct": sct_bench,
+        "axon": axon_bench,
+        "nuclei": nuclei_bench,
+    }
     results, tables, goal_lines = [], [], []
     with tempfile.TemporaryDirectory() as tmp:
         for i, d in enumerate(data):
             bench = makers[d](Path(tmp) / f"data{i}", args.quick, seeds)
             if bench is None:
                 continue
-            r = run_bench(bench, steps, head_steps, log)
+            r = run_bench(bench, steps, head_steps, log, args.preset, not args.no_curve)
             results.append(r)
             tables.append(markdown(r))
             goal_lines += goals(r)
@@ -400,7 +474,7 @@ def main() -> None:
     header = (
         f"{datetime.date.today()} · {platform.processor() or platform.machine()}, torch {torch.__version__}, "
         f"1 thread, CPU only (shared machine: other jobs ran at the same time; timings are noisy, compare "
-        f"the ratios) · preset tiny, 64 px, Adam 1e-2, batch 8 · total {time.perf_counter() - t0:.0f} s"
+        f"the ratios) · preset {args.preset}, 64 px, Adam 1e-2, batch 8 · total {time.perf_counter() - t0:.0f} s"
     )
     text = "\n\n".join([header, *tables, "Goals:\n" + "\n".join(f"- {g}" for g in goal_lines)])
     print("\n" + text)

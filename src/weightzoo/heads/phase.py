@@ -203,6 +203,7 @@ def run_phase(
     identity: dict[str, Any] | None = None,
     progress: bool = False,
     stop_after: int | None = None,
+    step_losses: list[float] | None = None,
 ) -> PhaseResult:
     """Train `model(x, cond)`'s trainable parameters for cfg.steps steps (cfg.learning_rate, poly).
 
@@ -211,6 +212,7 @@ def run_phase(
     cfg.val_every steps (Dice per task). With `run_dir`, a checkpoint is written every
     cfg.checkpoint_every steps and resumed from when its `identity` matches (else a ModelError).
     `stop_after`: return unfinished (as if killed) once this call has run that many steps (tests).
+    `step_losses`: if given, every step's training loss is appended to it (loss-spike counts).
     """
     device = resolve_device(cfg.device)
     vals = [] if val is None else val if isinstance(val, list) else [val]
@@ -265,6 +267,8 @@ def run_phase(
             cond = cond.to(device) if torch.is_tensor(cond) else cond
             loss = train_step(_Bound(model, cond), optimizer, loss_fn, xb, yb, amp, cfg.grad_clip)
             loss_sum, loss_n, done = loss_sum + float(loss), loss_n + 1, step + 1
+            if step_losses is not None:
+                step_losses.append(float(loss))
             if done % cfg.val_every == 0 or done == cfg.steps:
                 entry: dict[str, Any] = {"step": done, "train_loss": loss_sum / loss_n, "lr": lr}
                 if vals:

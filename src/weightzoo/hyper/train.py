@@ -50,8 +50,10 @@ def train_hyper_on_slices(
     identity: dict[str, Any] | None = None,
     progress: bool = False,
     stop_after: int | None = None,
+    step_losses: list[float] | None = None,
 ) -> tuple[HyperUNet, PhaseResult]:
-    """Train a HyperUNet on `train` for cfg.steps steps; validated every cfg.val_every steps."""
+    """Train a HyperUNet on `train` for cfg.steps steps; validated every cfg.val_every steps
+    (`step_losses`: see run_phase)."""
     spec = spec_for(cfg, train.images.shape[1])
     model = HyperUNet(spec, hcfg, seed=cfg.seed)
     if hcfg.condition == "scale":
@@ -78,7 +80,7 @@ def train_hyper_on_slices(
             else None
         )
     res = run_phase(
-        model, train, sampler, cfg, "hyper", vals or None, run_dir, identity, progress, stop_after
+        model, train, sampler, cfg, "hyper", vals or None, run_dir, identity, progress, stop_after, step_losses
     )
     return model, res
 
