@@ -23,6 +23,7 @@ runs are kept in OUT/<part>.json and skipped when the command is run again.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import json
 import math
@@ -47,7 +48,7 @@ from weightzoo.segmenter import NetSegmenter
 from weightzoo.train.config import TrainConfig
 
 FIXED = (0.25, 0.375, 0.5, 0.625, 0.75)
-FRONT = tuple(round(float(v), 4) for v in np.linspace(0.25, 0.75, 11))
+FRONT = tuple(sorted({round(float(v), 4) for v in np.linspace(0.25, 0.75, 11)} | set(FIXED)))
 TASKS = ["cord", "gm"]
 PREP = Preprocessing("zscore", (64, 64), 2, 1)
 
@@ -123,6 +124,9 @@ def front(args: argparse.Namespace, store: Store, tmp: Path) -> str:
         net, spec, _ = train_fixed_scale(train, None, cfg_of(args, seed, args.steps), phi)
         return {"cpu": time.process_time() - t, "dice": test_dice(net, spec, test)}
 
+    warm = dataclasses.replace(cfg_of(args, 0, 5), steps=5)  # first calls pay one-time costs: not timed
+    train_hyper_on_slices(train, None, warm, HyperConfig(condition="scale"))
+    train_fixed_scale(train, None, warm, 0.5)
     hyper, fixed = {}, {}
     for seed in args.seeds:
         hyper[seed] = store.get(f"hyper/{seed}", lambda s=seed: hyper_run(s))

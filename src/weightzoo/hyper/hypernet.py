@@ -28,6 +28,7 @@ import math
 from collections.abc import Mapping, Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from weightzoo.errors import ModelError
@@ -132,15 +133,16 @@ class HyperNet(nn.Module):
     def flat(self, cond: torch.Tensor) -> torch.Tensor:
         """cond [B, d] -> generated weights [B, P] (θ₀ + Δθ, or the output alone)."""
         h = self.mlp(self.encoding(cond.float()))  # [B, hidden]
-        if self.output == "full":
-            out = self.head(h)
-        elif self.output == "lowrank":
-            out = self.head(self.down(h))
-        else:  # every chunk sees [h, e_c]: [B, n_chunks, hidden + e] -> [B, n_chunks, C]
+        if self.output == "lowrank":
+            h = self.down(h)  # [B, rank]
+        elif self.output == "chunked":  # every chunk sees [h, e_c]: [B, n_chunks, hidden + e]
             n_chunks = self.chunk_emb.shape[0]
-            z = torch.cat([h[:, None].expand(-1, n_chunks, -1), self.chunk_emb.expand(len(h), -1, -1)], -1)
-            out = self.head(z).flatten(1)[:, : self.n_out]
-        return out * self.out_scale + self.theta0 if self.additive else out
+            h = torch.cat([h[:, None].expand(-1, n_chunks, -1), self.chunk_emb.expand(len(h), -1, -1)], -1)
+        # the output scale is folded into the (small) layer, not applied to the (B x P) output
+        w, b = self.head.weight, self.head.bias
+        out = F.linear(h, w * self.out_scale, b * self.out_scale) if self.additive else F.linear(h, w, b)
+        out = out.flatten(1)[:, : self.n_out]  # [B, P]
+        return out + self.theta0 if self.additive else out
 
     def unflatten(self, flat: torch.Tensor) -> dict[str, torch.Tensor]:
         """[B, P] -> {name: [B, *shape]}."""

@@ -164,11 +164,15 @@ class HyperUNet(nn.Module):
             return unet_forward(self.weights(cond), x, self.kw, "scale", float(cond))
         ids = torch.as_tensor(cond, device=x.device).long().reshape(-1).expand(len(x))
         uniq, inverse = torch.unique(ids, return_inverse=True)
-        codes = nn.functional.one_hot(uniq, len(self.hcfg.sites) + 1)
-        flat = self.hyper.flat(codes)  # [U, P]: each distinct condition generated once
+        n_codes = len(self.hcfg.sites) + 1
         if len(uniq) == 1:
+            flat = self.hyper.flat(nn.functional.one_hot(uniq, n_codes))  # [1, P]
             return unet_forward({k: v[0] for k, v in self.hyper.unflatten(flat).items()}, x, self.kw, "plain")
-        return unet_forward(self.hyper.unflatten(flat[inverse]), x, self.kw, "plain", batched=True)
+        if 2 * len(uniq) <= len(x):  # few distinct conditions: generate each once, then gather per sample
+            flat = self.hyper.flat(nn.functional.one_hot(uniq, n_codes))[inverse]  # [B, P]
+        else:  # mostly distinct: generating per sample costs the same and saves the gather
+            flat = self.hyper.flat(nn.functional.one_hot(ids, n_codes))
+        return unet_forward(self.hyper.unflatten(flat), x, self.kw, "plain", batched=True)
 
     # ---- sampling a plain network ----------------------------------------------------------------------
     def sample_spec(self, cond: Any) -> ArchSpec:

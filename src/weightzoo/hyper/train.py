@@ -80,7 +80,17 @@ def train_hyper_on_slices(
             else None
         )
     res = run_phase(
-        model, train, sampler, cfg, "hyper", vals or None, run_dir, identity, progress, stop_after, step_losses
+        model,
+        train,
+        sampler,
+        cfg,
+        "hyper",
+        vals or None,
+        run_dir,
+        identity,
+        progress,
+        stop_after,
+        step_losses,
     )
     return model, res
 

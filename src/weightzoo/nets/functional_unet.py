@@ -156,7 +156,11 @@ def _conv_transpose(
 def _norm(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor, eps: float, batched: bool) -> torch.Tensor:
     if not batched:
         return F.instance_norm(x, weight=w, bias=b, eps=eps)
-    return F.instance_norm(x, eps=eps) * w[:, :, None, None] + b[:, :, None, None]
+    # [B, C] channels of one "sample": the statistics are per (b, c) either way, and the affine fuses
+    B, C = x.shape[:2]
+    return F.instance_norm(
+        x.reshape(1, B * C, *x.shape[2:]), weight=w.flatten(), bias=b.flatten(), eps=eps
+    ).reshape(x.shape)
 
 
 def _resize(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
