@@ -28,7 +28,7 @@ from weightzoo.segmenter import NetSegmenter
 from weightzoo.train.loop import TrainConfig, TrainResult, train_model
 
 DEMO_TASKS = ("cord", "gm", "canal", "lesion")
-ROUTES = ("zoo", "delta", "generate", "heads", "incontext", "prune", "uncertainty")
+ROUTES = ("zoo", "delta", "generate", "heads", "incontext", "prune", "uncertainty", "hyper")
 DEFAULT_ROUTES = (
     "zoo",
     "delta",
@@ -36,6 +36,7 @@ DEFAULT_ROUTES = (
     "incontext",
     "prune",
     "uncertainty",
+    "hyper",
 )  # "generate" (G.pt-style) on request
 
 
@@ -62,7 +63,7 @@ class DemoSettings:
         ("generate", 30.0),
         ("heads", 30.0),
         ("incontext", 10.0),
-    )  # prune: fixed 30 fine-tuning steps per method (~15 s)
+    )  # prune: fixed 30 fine-tuning steps per method (~15 s); hyper: fixed 150 tiny steps (~25 s)
 
 
 def _stats(
@@ -200,6 +201,10 @@ def _run_routes(rep: Report, out: Path, ds: RawDataset, s: DemoSettings, log: An
 
             task = "cord" if "cord" in s.tasks else s.tasks[0]
             done["prune"] = demo_prune(out, ds, out / "models" / task, s.train_site, rep, log)
+        elif route == "hyper":
+            from weightzoo.hyper.demo import demo_hyper
+
+            done["hyper"] = demo_hyper(out, ds, s.train_site, rep, log)
         else:
             raise UnknownNameError("demo route", route, ROUTES)
         log(f"{route}: {time.perf_counter() - t0:.0f}s")

@@ -17,9 +17,9 @@ def register(app: typer.Typer) -> None:
         ),
         steps: int = typer.Option(150, help="Training steps per task model (train-from-scratch route)."),
         routes: str = typer.Option(
-            "zoo,delta,heads,incontext,prune,uncertainty",
+            "zoo,delta,heads,incontext,prune,uncertainty,hyper",
             help="Later routes to add after train-from-scratch (comma-separated; '' for none; "
-            "zoo, delta, generate, heads, incontext, prune, uncertainty).",
+            "zoo, delta, generate, heads, incontext, prune, uncertainty, hyper).",
         ),
         tasks: str = typer.Option("cord,gm,canal,lesion", help="Comma-separated phantom tasks."),
         seed: int = typer.Option(0, help="Seed for the data and the training runs."),

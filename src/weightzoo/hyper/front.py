@@ -62,6 +62,7 @@ def scale_front(
     device: str = "cpu",
     repeats: int = 20,
     on_scale: Callable[[int, int, float], None] | None = None,
+    sites: Sequence[str] | None = None,
 ) -> list[dict[str, Any]]:
     """One row per φ: {"scale", "dice" {task: mean over cases}, "flops", "latency_ms", "n_cases"}."""
     lo, hi = model.hcfg.scale_range
@@ -71,7 +72,7 @@ def scale_front(
     for i, phi in enumerate(scales):
         net = model.sample_network(model.check_scale(phi))
         seg = NetSegmenter(net, model.sample_spec(phi), tasks, prep, f"scale={phi}", 0.0, dev)
-        summ = evaluate_segmenter(seg, ds, split, tasks=tasks)
+        summ = evaluate_segmenter(seg, ds, split, sites=sites, tasks=tasks)
         rows.append(
             {
                 "scale": phi,

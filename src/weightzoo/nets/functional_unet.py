@@ -10,7 +10,8 @@ nnU-Net's class unchanged and `unet_forward(real_state_dict(net), x) == net(x)`)
          transposed conv (kernel = stride) → concat skip → convs; 1x1 seg layer on the last level.
   scale  (SSHN, Ortiz et al. 2023) stage s ≥ 1 first resizes its input by φ (bilinear) and every conv
          has stride 1; decoder level t: 1x1 conv (instead of the transposed conv) at the coarse size,
-         then bilinear resize to the skip's size. φ = 0.5 ≈ nnU-Net's stride 2. Any input size works.
+         then bilinear resize to the skip's size. φ = 0.5 ≈ nnU-Net's stride 2. Any input size works;
+         a level is never smaller than 2 x 2 (e.g. small preset, 64 px, φ = 0.25: 64, 16, 4, 2).
 
 Per-sample weights use grouped convolutions: x [B, C, H, W] → [1, B·C, H, W], weights
 [B, O, C, k, k] → [B·O, C, k, k], groups = B; instance norm is per sample already.
@@ -32,7 +33,8 @@ from weightzoo.errors import ModelError
 
 Params = Mapping[str, torch.Tensor]
 MODES = ("plain", "scale")
-PHI_RANGE = (0.2, 0.8)  # scales a scale-space network accepts (the hypernetwork trains on [0.25, 0.75])
+PHI_RANGE = (0.2, 0.8)
+MIN_LEVEL = 2  # smallest side of a scale-space level  # scales a scale-space network accepts (the hypernetwork trains on [0.25, 0.75])
 
 
 def _stage_layout(kw: dict[str, Any]) -> tuple[list[int], list[int], list[int], list[int], list[int]]:
@@ -114,7 +116,10 @@ def level_sizes(size: tuple[int, int], n_stages: int, mode: str, strides: list[i
         if mode == "plain":  # conv with padding (k-1)//2 and stride st: ceil(d / st)
             sizes.append((math.ceil(h / strides[s]), math.ceil(w / strides[s])))
         else:
-            sizes.append((max(1, math.floor(h * phi + 0.5)), max(1, math.floor(w * phi + 0.5))))
+            # never below 2 x 2: instance norm needs more than one value per channel
+            sizes.append(
+                (max(MIN_LEVEL, math.floor(h * phi + 0.5)), max(MIN_LEVEL, math.floor(w * phi + 0.5)))
+            )
     return sizes
 
 
