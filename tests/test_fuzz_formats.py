@@ -189,10 +189,34 @@ def test_fuzz_generator_json(data: st.DataObject, fuzz_generator: Path, tmp_path
     _fuzz_file(data, original, path, lambda: main(argv), [out], capsys)
 
 
+@pytest.fixture(scope="module")
+def fuzz_hyper(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from weightzoo.data.slices import Preprocessing
+    from weightzoo.hyper.model import HyperConfig, HyperUNet, save_hyper
+    from weightzoo.nets.unet import ArchSpec
+
+    model = HyperUNet(ArchSpec.preset("tiny"), HyperConfig(condition="site", sites=["A", "B"]), seed=0)
+    out = tmp_path_factory.mktemp("fuzzhyper") / "hyper"
+    return save_hyper(out, model, ["cord"], Preprocessing("zscore", (64, 64), 2, 1), 1.0, {"sites": ["A", "B"]})
+
+
+@FUZZ
+@given(data=st.data())
+def test_fuzz_hyper_json(
+    data: st.DataObject, fuzz_hyper: Path, tiny_phantom_dataset: RawDataset, tmp_path: Path, capsys: Any
+) -> None:
+    path = fuzz_hyper / "hyper.json"
+    original = json.loads(path.read_text())
+    image = tiny_phantom_dataset.image_files(tiny_phantom_dataset.cases()[0])[0]
+    out = tmp_path / "mask.nii.gz"
+    argv = ["segment", "-m", str(fuzz_hyper), "--site", "A", "-i", str(image), "-o", str(out), "--device", "cpu"]
+    _fuzz_file(data, original, path, lambda: main(argv), [out], capsys)
+
+
 def test_fuzz_cases_are_counted_in_the_docs() -> None:
     """docs/safety.md states how many fuzzed files the suite runs; keep it true."""
     text = (Path(__file__).resolve().parents[1] / "docs" / "safety.md").read_text()
-    assert f"{6 * DEFAULT_EXAMPLES} fuzzed files" in text
+    assert f"{7 * DEFAULT_EXAMPLES} fuzzed files" in text
 
 
 def _api_outcome(run: Any, filename: str) -> None:

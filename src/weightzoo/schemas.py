@@ -257,3 +257,42 @@ def validate(obj: Any, schema: dict[str, Any], source: str | Path | None, fix: s
     else:
         detail = err.message if len(err.message) <= 160 else err.message[:157] + "..."
     raise InputError(f"{key}: {detail}", fix, source)
+
+
+# hyper.json (weightzoo.hyper.model): the envelope, plus the hypernetwork's config. The architecture is
+# checked by check_arch_kwargs, the config's values again by HyperConfig.
+HYPER_JSON: dict[str, Any] = {
+    "allOf": [{"$ref": "#/$defs/folder"}],
+    "$defs": {"folder": FOLDER_JSON},
+    "required": ["format", "version", "arch", "hyper", "tasks", "preprocessing"],
+    "properties": {
+        "version": {"enum": [1]},
+        "n_hyper_params": {"type": "integer", "minimum": 0},
+        "hyper": {
+            "type": "object",
+            "additionalProperties": False,
+            "required": ["condition", "mip", "hidden", "output"],
+            "properties": {
+                "condition": {"enum": ["scale", "site"]},
+                "mip": {"type": "boolean"},
+                "hidden": {
+                    "type": "array",
+                    "items": {"type": "integer", "minimum": 1, "maximum": 8192},
+                    "minItems": 1,
+                    "maxItems": 16,
+                },
+                "output": {"enum": ["full", "lowrank", "chunked"]},
+                "rank": {"type": "integer", "minimum": 1, "maximum": 4096},
+                "chunk": {"type": "integer", "minimum": 1, "maximum": 1_000_000},
+                "scale_range": {
+                    "type": "array",
+                    "items": _number(minimum=0.2, maximum=0.8),
+                    "minItems": 2,
+                    "maxItems": 2,
+                },
+                "sites": {"type": "array", "items": PLAIN_NAME, "maxItems": 4096},
+                "site_dropout": _number(minimum=0, maximum=1),
+            },
+        },
+    },
+}

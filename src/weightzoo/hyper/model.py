@@ -29,7 +29,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from weightzoo.data.slices import Preprocessing
-from weightzoo.errors import InputError, ModelError
+from weightzoo.errors import InputError, ModelError, WeightzooError
 from weightzoo.fileio import atomic_write_json, read_folder_description
 from weightzoo.hyper.hypernet import OUTPUTS, CosSinEncoding, HyperNet, RawEncoding
 from weightzoo.nets.functional_unet import check_functional, he_init, param_shapes, unet_forward
@@ -242,7 +242,11 @@ def is_hyper_folder(folder: str | Path) -> bool:
 
 
 def read_hyper_json(folder: str | Path) -> dict[str, Any]:
-    return read_folder_description(folder, HYPER_JSON, HYPER_FORMAT, "weightzoo hyper train", "hyper")
+    from weightzoo import schemas
+
+    return read_folder_description(
+        folder, HYPER_JSON, HYPER_FORMAT, "weightzoo hyper train", "hyper", schema=schemas.HYPER_JSON
+    )
 
 
 def load_hyper(folder: str | Path) -> tuple[HyperUNet, dict[str, Any]]:
@@ -251,7 +255,12 @@ def load_hyper(folder: str | Path) -> tuple[HyperUNet, dict[str, Any]]:
     meta = read_hyper_json(folder)
     spec = ArchSpec.from_dict(meta["arch"], folder / HYPER_JSON)
     hcfg = HyperConfig.from_dict(meta["hyper"], folder / HYPER_JSON)
-    model = HyperUNet(spec, hcfg)
+    try:
+        model = HyperUNet(spec, hcfg)
+    except WeightzooError as e:  # a valid PlainConvUNet block the hypernetwork U-Net cannot run
+        raise ModelError(
+            e.what, e.fix or "re-create the folder with weightzoo hyper train", folder / HYPER_JSON
+        ) from None
     wpath = folder / HYPER_WEIGHTS
     try:
         state = load_file(str(wpath))
