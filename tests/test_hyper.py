@@ -124,6 +124,24 @@ def test_flops_grow_with_phi() -> None:
     assert flops == sorted(flops) and flops[-1] > 2 * flops[0]
 
 
+def test_small_phi_keeps_levels_of_at_least_two_pixels() -> None:
+    """small preset, 64 px, φ = 0.25: 64, 16, 4, then 2 (not 1: instance norm needs > 1 value)."""
+    model = HyperUNet(ArchSpec.preset("small", 1, 1), HyperConfig(condition="scale"), seed=0).train()
+    out = model(torch.randn(2, 1, 64, 64), 0.25)
+    out.mean().backward()
+    assert out.shape == (2, 1, 64, 64)
+
+
+def test_hyper_demo_section(tiny_phantom_dataset, tmp_path: Path) -> None:
+    from weightzoo.evaluate.report import Report
+    from weightzoo.hyper.demo import demo_hyper
+
+    rep = Report(tmp_path / "report", "demo")
+    res = demo_hyper(tmp_path, tiny_phantom_dataset, "A", rep, log=lambda m: None, steps=4)
+    assert len(res["rows"]) == 11 and all(0 <= r["hypernetwork Dice"] <= 1 for r in res["rows"])
+    assert (tmp_path / "report/figures/hyper_front.png").exists()
+
+
 def test_per_sample_weights_equal_per_condition_runs() -> None:
     spec = ArchSpec.preset("tiny", 1, 1)
     model = HyperUNet(spec, HyperConfig(condition="site", sites=["A", "B", "C"]), seed=0).eval()
