@@ -216,31 +216,13 @@ def test_resume_after_kill_gives_the_same_weights(
         train_hyper(tiny_phantom_dataset, _cfg(seed=1), hcfg, tmp_path / "killed")
 
 
+def _train_cli(dataset: Path, out: Path, *extra: str) -> None:
+    argv = ["hyper", "train", "-d", str(dataset), "-t", "cord", "--preset", "tiny", "--steps", "8"]
+    assert main([*argv, "--batch-size", "4", "--no-progress", "-o", str(out), *extra]) == 0
+
+
 def test_site_hypernetwork_samples_plain_networks_that_export(tiny_phantom_dataset, tmp_path: Path) -> None:
-    assert (
-        main(
-            [
-                "hyper",
-                "train",
-                "-d",
-                str(tiny_phantom_dataset.root),
-                "-t",
-                "cord",
-                "--condition",
-                "site",
-                "--preset",
-                "tiny",
-                "--steps",
-                "8",
-                "--batch-size",
-                "4",
-                "--no-progress",
-                "-o",
-                str(tmp_path / "h"),
-            ]
-        )
-        == 0
-    )
+    _train_cli(tiny_phantom_dataset.root, tmp_path / "h", "--condition", "site")
     meta = json.loads((tmp_path / "h/hyper.json").read_text())
     assert meta["hyper"]["sites"] == ["A", "B"]
     assert (
@@ -270,28 +252,7 @@ def test_site_hypernetwork_samples_plain_networks_that_export(tiny_phantom_datas
 def test_scale_cli_train_front_sample_segment(tiny_phantom_dataset, tmp_path: Path, capsys) -> None:
     ds = str(tiny_phantom_dataset.root)
     h = str(tmp_path / "h")
-    assert (
-        main(
-            [
-                "hyper",
-                "train",
-                "-d",
-                ds,
-                "-t",
-                "cord",
-                "--preset",
-                "tiny",
-                "--steps",
-                "8",
-                "--batch-size",
-                "4",
-                "--no-progress",
-                "-o",
-                h,
-            ]
-        )
-        == 0
-    )
+    _train_cli(tiny_phantom_dataset.root, Path(h))
     assert main(["hyper", "front", "-m", h, "-d", ds, "--scales", "0.25,0.5,0.75"]) == 0
     rows = json.loads((tmp_path / "h/front_val/front.json").read_text())["rows"]
     assert [r["scale"] for r in rows] == [0.25, 0.5, 0.75]

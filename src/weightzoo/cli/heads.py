@@ -18,6 +18,8 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from weightzoo.cli import options
+
 console = Console(highlight=False)
 
 
@@ -107,43 +109,32 @@ def register(app: typer.Typer) -> None:
         unfreeze_lr_factor: float = typer.Option(
             0.1, "--unfreeze-lr-factor", help="Joint unfreeze learning rate = lr x this."
         ),
-        batch_size: int = typer.Option(None, "--batch-size", help="Slices per batch. (default: 16)"),
+        batch_size: int = options.BATCH_SIZE,
         lr: float = typer.Option(None, help="Backbone learning rate. (default: 1e-2 sgd)"),
-        seed: int = typer.Option(None, help="Random seed. (default: 0)"),
-        size: int = typer.Option(None, help="Slices are resized to SIZE x SIZE. (default: 64)"),
-        device: str = typer.Option(None, help="auto | cpu | cuda. (default: auto)"),
-        config: Path = typer.Option(
-            None, "--config", "-c", help="YAML/JSON training config; options override it."
-        ),
-        resume: bool = typer.Option(True, "--resume/--no-resume", help="Continue an interrupted run."),
+        seed: int = options.SEED,
+        size: int = options.SIZE,
+        device: str = options.DEVICE,
+        config: Path = options.CONFIG,
+        resume: bool = options.RESUME,
         force: bool = typer.Option(False, "--force", help="Overwrite whatever the --out folder holds."),
-        progress: bool = typer.Option(True, "--progress/--no-progress", help="Show progress bars."),
+        progress: bool = options.PROGRESS,
     ) -> None:
         """(a) backbone + universal head on all sites, (b) one head per site (backbone frozen),
         (c) optional joint unfreeze. Killed? Run the same command again: it resumes."""
-        from weightzoo.errors import InputError
         from weightzoo.heads.train import train_heads
-        from weightzoo.train.config import TrainConfig, load_config_file
+        from weightzoo.train.config import config_from_options
 
-        opts = {
-            k: v
-            for k, v in dict(
-                preset=preset,
-                steps=steps,
-                batch_size=batch_size,
-                lr=lr,
-                seed=seed,
-                device=device,
-                size=[size, size] if size is not None else None,
-            ).items()
-            if v is not None
-        }
-        if task is not None:
-            opts["tasks"] = [t.strip() for t in task.split(",") if t.strip()]
-        base = load_config_file(config) if config is not None else {}
-        if "tasks" not in opts and "tasks" not in base:
-            raise InputError("no task given", "add --task (e.g. --task cord) or tasks: in --config")
-        cfg = TrainConfig.from_dict({**base, **opts}, source=config)
+        cfg = config_from_options(
+            config,
+            task,
+            size=size,
+            preset=preset,
+            steps=steps,
+            batch_size=batch_size,
+            lr=lr,
+            seed=seed,
+            device=device,
+        )
         res = train_heads(
             dataset,
             cfg,
@@ -177,7 +168,7 @@ def register(app: typer.Typer) -> None:
         seed: int = typer.Option(0, help="Seed (also picks the subjects)."),
         force: bool = typer.Option(False, "--force", help="Replace an existing head of that name."),
         resume: bool = typer.Option(True, "--resume/--no-resume", help="Continue an interrupted run."),
-        progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar."),
+        progress: bool = options.PROGRESS,
     ) -> None:
         """Fine-tune a head for a site (e.g. one unseen in training) from a few labelled subjects;
         the backbone and the other heads are not touched."""

@@ -16,6 +16,8 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from weightzoo.cli import options
+
 console = Console(highlight=False)
 
 
@@ -47,24 +49,22 @@ def register(app: typer.Typer) -> None:
             None, help="Primary network size: tiny | small | default. (default: small)"
         ),
         steps: int = typer.Option(None, help="Training iterations. (default: 1000)"),
-        batch_size: int = typer.Option(None, "--batch-size", help="Slices per batch. (default: 16)"),
+        batch_size: int = options.BATCH_SIZE,
         optimizer: str = typer.Option(None, help="sgd | adam. (default: adam)"),
         lr: float = typer.Option(None, help="Learning rate. (default: 1e-2 sgd, 1e-3 adam)"),
-        seed: int = typer.Option(None, help="Random seed. (default: 0)"),
-        size: int = typer.Option(None, help="Slices are resized to SIZE x SIZE. (default: 64)"),
-        device: str = typer.Option(None, help="auto | cpu | cuda. (default: auto)"),
-        config: Path = typer.Option(
-            None, "--config", "-c", help="YAML/JSON training config; options override it."
-        ),
-        resume: bool = typer.Option(True, "--resume/--no-resume", help="Continue an interrupted run."),
+        seed: int = options.SEED,
+        size: int = options.SIZE,
+        device: str = options.DEVICE,
+        config: Path = options.CONFIG,
+        resume: bool = options.RESUME,
         force: bool = typer.Option(False, "--force", help="Overwrite the hypernetwork in --out."),
-        progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar."),
+        progress: bool = options.PROGRESS,
     ) -> None:
         """Train one hypernetwork. Killed? Run the same command again: it resumes."""
         from weightzoo.errors import InputError
         from weightzoo.hyper.model import HyperConfig
         from weightzoo.hyper.train import train_hyper
-        from weightzoo.train.config import TrainConfig, load_config_file
+        from weightzoo.train.config import config_from_options
 
         def numbers(text: str, what: str, cast: type) -> list:
             try:
@@ -80,26 +80,10 @@ def register(app: typer.Typer) -> None:
             raise InputError(
                 f"--scale-range {scale_range!r} needs two numbers", "e.g. --scale-range 0.25,0.75"
             )
-        opts = {
-            k: v
-            for k, v in dict(
-                preset=preset,
-                steps=steps,
-                batch_size=batch_size,
-                optimizer=optimizer or "adam",
-                lr=lr,
-                seed=seed,
-                device=device,
-                size=[size, size] if size is not None else None,
-            ).items()
-            if v is not None
-        }
-        if task is not None:
-            opts["tasks"] = [t.strip() for t in task.split(",") if t.strip()]
-        base = load_config_file(config) if config is not None else {}
-        if "tasks" not in opts and "tasks" not in base:
-            raise InputError("no task given", "add --task (e.g. --task cord) or tasks: in --config")
-        cfg = TrainConfig.from_dict({**base, **opts}, source=config)
+        cfg = config_from_options(
+            config, task, {"optimizer": "adam"}, size, preset=preset, steps=steps, batch_size=batch_size,
+            optimizer=optimizer, lr=lr, seed=seed, device=device,
+        )  # fmt: skip
         hcfg = HyperConfig(
             condition=condition,
             mip=mip,

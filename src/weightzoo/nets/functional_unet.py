@@ -125,36 +125,22 @@ def level_sizes(size: tuple[int, int], n_stages: int, mode: str, strides: list[i
 
 # ---- per-sample-capable ops --------------------------------------------------------------------------
 def _conv(
-    x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, stride: int, batched: bool
+    x: torch.Tensor,
+    w: torch.Tensor,
+    b: torch.Tensor | None,
+    stride: int,
+    batched: bool,
+    transposed: bool = False,
 ) -> torch.Tensor:
-    pad = (w.shape[-1] - 1) // 2
+    """A 2-D convolution ('same' padding for odd kernels; transposed: kernel = stride, no padding),
+    with one weight set per sample when `batched` (grouped over the batch)."""
+    op = F.conv_transpose2d if transposed else F.conv2d
+    pad = 0 if transposed else (w.shape[-1] - 1) // 2
     if not batched:
-        return F.conv2d(x, w, b, stride, pad)
-    B, C = x.shape[:2]
-    y = F.conv2d(
-        x.reshape(1, B * C, *x.shape[2:]),
-        w.flatten(0, 1),
-        None if b is None else b.flatten(),
-        stride,
-        pad,
-        groups=B,
-    )
-    return y.reshape(B, -1, *y.shape[2:])
-
-
-def _conv_transpose(
-    x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, stride: int, batched: bool
-) -> torch.Tensor:
-    if not batched:
-        return F.conv_transpose2d(x, w, b, stride)
-    B, C = x.shape[:2]
-    y = F.conv_transpose2d(
-        x.reshape(1, B * C, *x.shape[2:]),
-        w.flatten(0, 1),
-        None if b is None else b.flatten(),
-        stride,
-        groups=B,
-    )
+        return op(x, w, b, stride, pad)
+    B, C = x.shape[:2]  # [B, C, H, W] -> [1, B·C, H, W]; weights [B, O, C, k, k] -> [B·O, C, k, k]
+    bias = None if b is None else b.flatten()
+    y = op(x.reshape(1, B * C, *x.shape[2:]), w.flatten(0, 1), bias, stride, pad, groups=B)
     return y.reshape(B, -1, *y.shape[2:])
 
 
@@ -222,7 +208,7 @@ def unet_forward(
         skip = skips[n - 2 - t]
         if mode == "plain":
             p = f"decoder.transpconvs.{t}"
-            x = _conv_transpose(x, params[f"{p}.weight"], params.get(f"{p}.bias"), stride[n - 1 - t], batched)
+            x = _conv(x, params[f"{p}.weight"], params.get(f"{p}.bias"), stride[n - 1 - t], batched, True)
         else:
             p = f"decoder.upconvs.{t}"
             x = _resize(_conv(x, params[f"{p}.weight"], params.get(f"{p}.bias"), 1, batched), skip.shape[-2:])

@@ -185,3 +185,23 @@ def load_config_file(path: str | Path) -> dict[str, Any]:
             "a training config must be a mapping of key: value", "see `weightzoo train --help`", p
         )
     return d
+
+
+def config_from_options(
+    config: str | Path | None,
+    task: str | None,
+    defaults: dict[str, Any] | None = None,
+    size: int | None = None,
+    **options: Any,
+) -> TrainConfig:
+    """A TrainConfig from a command's options: `defaults` < the --config file < the options given
+    (None = not given). `task` is 'cord' or 'cord,gm'; `size` a square side."""
+    opts = {k: v for k, v in options.items() if v is not None}
+    if size is not None:
+        opts["size"] = [size, size]
+    if task is not None:
+        opts["tasks"] = [t.strip() for t in task.split(",") if t.strip()]
+    base = load_config_file(config) if config is not None else {}
+    if "tasks" not in opts and "tasks" not in base:
+        raise InputError("no task given", "add --task (e.g. --task cord) or tasks: in --config")
+    return TrainConfig.from_dict({**(defaults or {}), **base, **opts}, source=config)
