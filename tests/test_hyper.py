@@ -221,7 +221,9 @@ def _train_cli(dataset: Path, out: Path, *extra: str) -> None:
     assert main([*argv, "--batch-size", "4", "--no-progress", "-o", str(out), *extra]) == 0
 
 
-def test_site_hypernetwork_samples_plain_networks_that_export(tiny_phantom_dataset, tmp_path: Path) -> None:
+def test_site_hypernetwork_samples_plain_networks_that_export(
+    tiny_phantom_dataset, tmp_path: Path, capsys
+) -> None:
     _train_cli(tiny_phantom_dataset.root, tmp_path / "h", "--condition", "site")
     meta = json.loads((tmp_path / "h/hyper.json").read_text())
     assert meta["hyper"]["sites"] == ["A", "B"]
@@ -247,6 +249,13 @@ def test_site_hypernetwork_samples_plain_networks_that_export(tiny_phantom_datas
     )
     summary = json.loads((tmp_path / "s.json").read_text())
     assert summary["used"] == {"A": "A", "B": "B"} and summary["n_cases"] == 2
+    image = sorted((tiny_phantom_dataset.root / "imagesTr").glob("*.nii.gz"))[0]
+    out = tmp_path / "o.nii.gz"
+    assert main(["segment", "-i", str(image), "-m", str(tmp_path / "h"), "--site", "B", "-o", str(out)]) == 0
+    capsys.readouterr()
+    assert main(["segment", "-i", str(image), "-m", str(tmp_path / "h"), "--site", "Q", "-o", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "hyper.json: site 'Q'" in err and "use one of A, B" in err and len(err.splitlines()) == 1
 
 
 def test_scale_cli_train_front_sample_segment(tiny_phantom_dataset, tmp_path: Path, capsys) -> None:
@@ -276,7 +285,7 @@ def test_scale_cli_train_front_sample_segment(tiny_phantom_dataset, tmp_path: Pa
         (["segment", "-i", str(image), "-m", h, "-o", str(a)], "needs --scale"),
         (
             ["segment", "-i", str(image), "-m", h, "--scale", "0.95", "-o", str(a)],
-            "outside the trained range",
+            "hyper.json: scale 0.95 is outside",
         ),
         (["segment", "-i", str(image), "-m", h, "--scale", "0.5", "--site", "A", "-o", str(a)], "not --site"),
         (

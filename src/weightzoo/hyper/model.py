@@ -142,11 +142,13 @@ class HyperUNet(nn.Module):
             )
         return 1 + self.hcfg.sites.index(site)
 
-    def check_scale(self, phi: float) -> float:
+    def check_scale(self, phi: float, source: str | Path | None = None) -> float:
         lo, hi = self.hcfg.scale_range
         if not lo <= float(phi) <= hi:
             raise InputError(
-                f"scale {phi} is outside the trained range [{lo}, {hi}]", f"use --scale in [{lo}, {hi}]"
+                f"scale {phi} is outside the trained range [{lo}, {hi}]",
+                f"use --scale in [{lo}, {hi}]",
+                source,
             )
         return float(phi)
 
@@ -289,13 +291,13 @@ def condition_of(model: HyperUNet, scale: float | None, site: str | None, source
         if scale is None:
             raise InputError(
                 "a scale hypernetwork needs --scale",
-                f"e.g. --scale 0.5 (trained on {model.hcfg.scale_range})",
+                "e.g. --scale 0.5 (trained on [{}, {}])".format(*model.hcfg.scale_range),
                 source,
             )
-        return model.check_scale(scale)
+        return model.check_scale(scale, source)
     if scale is not None:
         raise InputError("a site hypernetwork takes --site, not --scale", "drop --scale", source)
-    return model.site_index(site)
+    return model.site_index(site, source)
 
 
 def hyper_segmenter(
