@@ -7,6 +7,7 @@
 #   bash benchmarks/gpu_session.sh speed    # zoo build (issue 3) and in-context (issue 6) speed tables
 #   bash benchmarks/gpu_session.sh scaling  # issue 11 (<= 10 min): the largest micro zoo that fits,
 #                                           # its generators, then the throughput table on the GPU
+#   bash benchmarks/gpu_session.sh hyper    # issue 18 (<= 10 min): the hypernetwork front at 128 px
 # Python deps missing from the machine's image travel as wheels in .whl/ (see the device README).
 set -u
 W=${WORK:-/tmp/wz_gpu}
@@ -53,5 +54,12 @@ case "${1:-}" in
     timeout 200 python3 benchmarks/zoo_build.py --device cuda --steps 50 --runs 1 64 128 \
       2>&1 | tee "$OUT/zoo_build_micro_cuda.txt"
     ;;
-  *) echo "usage: $0 start|poll [SECONDS]|speed|scaling"; exit 2 ;;
+  hyper)
+    # issue 18 (<= 10 min): the scale hypernetwork's front at 128 px vs fixed-φ networks, trained and
+    # timed on the GPU (one seed: the CPU study has three), GPU latency per φ
+    nvidia-smi -L
+    timeout 540 python3 benchmarks/hyper_bench.py front --preset small --size 128 --device cuda --steps 600 \
+      --seeds 0 --subjects 20 --out "$OUT" --figures "$OUT" 2>&1 | tail -n 40 | tee "$OUT/hyper_front_cuda.txt"
+    ;;
+  *) echo "usage: $0 start|poll [SECONDS]|speed|scaling|hyper"; exit 2 ;;
 esac

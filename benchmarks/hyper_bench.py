@@ -12,12 +12,14 @@
 
 Phantoms (weightzoo.data.synth), split by subject (train / val / test); nothing is selected on test:
 every network is its last iterate. torch runs with one thread and times are CPU seconds of this
-process (time.process_time), so ratios hold on a shared machine. Each part is resumable: finished
+process (time.process_time), so ratios hold on a shared machine (with --device cuda: synchronised wall
+seconds, and the GPU's latency). Each part is resumable: finished
 runs are kept in OUT/<part>.json and skipped when the command is run again.
 
     python benchmarks/hyper_bench.py front --preset small --steps 600 --seeds 0 1 2 --out runs/hyper
     python benchmarks/hyper_bench.py mip --preset tiny --steps 400 --seeds 0 1 2 --out runs/hyper
     python benchmarks/hyper_bench.py batched --out runs/hyper
+    python benchmarks/hyper_bench.py front --preset small --size 128 --device cuda --out runs/hyper   # a GPU
 """
 
 from __future__ import annotations
@@ -44,37 +46,51 @@ from weightzoo.hyper import HyperConfig, HyperUNet, train_fixed_scale, train_hyp
 from weightzoo.hyper.front import front_figure, latencies
 from weightzoo.nets.functional_unet import unet_flops
 from weightzoo.nets.unet import ArchSpec
-from weightzoo.segmenter import NetSegmenter
+from weightzoo.segmenter import NetSegmenter, resolve_device
 from weightzoo.train.config import TrainConfig
 
 FIXED = (0.25, 0.375, 0.5, 0.625, 0.75)
 FRONT = tuple(sorted({round(float(v), 4) for v in np.linspace(0.25, 0.75, 11)} | set(FIXED)))
 TASKS = ["cord", "gm"]
-PREP = Preprocessing("zscore", (64, 64), 2, 1)
 
 
 def header(args: argparse.Namespace) -> str:
     return (
         f"{datetime.date.today()} · {platform.processor() or platform.machine()}, torch {torch.__version__}, "
-        f"1 thread, CPU · phantoms 64 px, tasks {', '.join(TASKS)} · preset {args.preset}, {args.steps} steps, "
+        f"1 thread, {args.device} · phantoms {args.size} px, tasks {', '.join(TASKS)} · preset {args.preset}, {args.steps} steps, "
         f"Adam lr {args.lr:g}, batch 8 · seeds {args.seeds}"
     )
 
 
-def data(tmp: Path, sites: int, subjects: int) -> tuple[SliceSet, SliceSet, SliceSet]:
-    ds = make_phantom_dataset(tmp, sites=sites, subjects_per_site=subjects, size=64, n_slices=8, seed=0)
-    return tuple(load_slices(ds, TASKS, split, prep=PREP) for split in ("train", "val", "test"))  # type: ignore[return-value]
+def clock(args: argparse.Namespace) -> float:
+    """CPU seconds of this process on a CPU (robust to other jobs); synchronised wall seconds on a GPU."""
+    if args.device.startswith("cuda"):
+        torch.cuda.synchronize()
+        return time.perf_counter()
+    return time.process_time()
+
+
+def prep_of(args: argparse.Namespace) -> Preprocessing:
+    return Preprocessing("zscore", (args.size, args.size), 2, 1)
+
+
+def data(args: argparse.Namespace, tmp: Path, sites: int) -> tuple[SliceSet, SliceSet, SliceSet]:
+    ds = make_phantom_dataset(
+        tmp, sites=sites, subjects_per_site=args.subjects, size=args.size, n_slices=8, seed=0
+    )
+    return tuple(load_slices(ds, TASKS, split, prep=prep_of(args)) for split in ("train", "val", "test"))  # type: ignore[return-value]
 
 
 def cfg_of(args: argparse.Namespace, seed: int, val_every: int) -> TrainConfig:
     return TrainConfig(
         tasks=TASKS, preset=args.preset, optimizer="adam", lr=args.lr, steps=args.steps, batch_size=8,
-        seed=seed, device="cpu", val_every=val_every, checkpoint_every=args.steps,
+        seed=seed, device=args.device, val_every=val_every, checkpoint_every=args.steps,
+        size=(args.size, args.size),
     )  # fmt: skip
 
 
-def test_dice(net: torch.nn.Module, spec: ArchSpec, test: SliceSet) -> dict[str, float]:
-    summ = evaluate_slices(NetSegmenter(net, spec, TASKS, PREP), test, tasks=TASKS)
+def test_dice(net: torch.nn.Module, spec: ArchSpec, test: SliceSet, prep: Preprocessing) -> dict[str, float]:
+    summ = evaluate_slices(NetSegmenter(net, spec, TASKS, prep), test, tasks=TASKS)
     return {t: float(summ["mean"][t]["Dice"]) for t in TASKS}
 
 
@@ -105,24 +121,27 @@ def mean_task(d: dict[str, float]) -> float:
 
 # ---- front --------------------------------------------------------------------------------------------
 def front(args: argparse.Namespace, store: Store, tmp: Path) -> str:
-    train, _, test = data(tmp, 2, args.subjects)
+    train, _, test = data(args, tmp, 2)
     spec0 = ArchSpec.preset(args.preset, 1, len(TASKS))
 
     def hyper_run(seed: int) -> dict[str, Any]:
-        t = time.process_time()
+        t = clock(args)
         model, _ = train_hyper_on_slices(
             train, None, cfg_of(args, seed, args.steps), HyperConfig(condition="scale")
         )
-        cpu = time.process_time() - t
+        cpu = clock(args) - t
         return {
             "cpu": cpu,
-            "dice": {str(p): test_dice(model.sample_network(p), model.sample_spec(p), test) for p in FRONT},
+            "dice": {
+                str(p): test_dice(model.sample_network(p), model.sample_spec(p), test, prep_of(args))
+                for p in FRONT
+            },
         }
 
     def fixed_run(seed: int, phi: float) -> dict[str, Any]:
-        t = time.process_time()
+        t = clock(args)
         net, spec, _ = train_fixed_scale(train, None, cfg_of(args, seed, args.steps), phi)
-        return {"cpu": time.process_time() - t, "dice": test_dice(net, spec, test)}
+        return {"cpu": clock(args) - t, "dice": test_dice(net, spec, test, prep_of(args))}
 
     warm = dataclasses.replace(cfg_of(args, 0, 5), steps=5)  # first calls pay one-time costs: not timed
     train_hyper_on_slices(train, None, warm, HyperConfig(condition="scale"))
@@ -136,12 +155,19 @@ def front(args: argparse.Namespace, store: Store, tmp: Path) -> str:
             print(f"front seed {seed}: fixed φ={phi} {fixed[(seed, phi)]['cpu']:.0f} CPU s", flush=True)
     # latency of each φ's network (same architecture for hypernetwork samples and fixed networks)
     model = HyperUNet(spec0, HyperConfig(condition="scale"))
-    lat = latencies([model.sample_network(p) for p in FRONT], (1, 64, 64), torch.device("cpu"), repeats=30)
-    flops = {p: unet_flops(spec0.arch_kwargs, 1, len(TASKS), (64, 64), "scale", p) for p in FRONT}
+    lat = latencies(
+        [model.sample_network(p) for p in FRONT],
+        (1, args.size, args.size),
+        resolve_device(args.device),
+        repeats=30,
+    )
+    flops = {
+        p: unet_flops(spec0.arch_kwargs, 1, len(TASKS), (args.size, args.size), "scale", p) for p in FRONT
+    }
     rows, lines = (
         [],
         [
-            "| φ | GFLOPs | CPU latency ms | hypernetwork Dice (cord, gm mean) | fixed-φ network Dice | hyper − fixed (points) |",
+            f"| φ | GFLOPs | {args.device} latency ms | hypernetwork Dice (cord, gm mean) | fixed-φ network Dice | hyper − fixed (points) |",
             "|---:|---:|---:|---:|---:|---:|",
         ],
     )
@@ -184,7 +210,7 @@ def front(args: argparse.Namespace, store: Store, tmp: Path) -> str:
         for p in FIXED
     )
     cost = (
-        f"Training CPU seconds: hypernetwork {np.mean(h_cpu):.0f} ± {np.std(h_cpu):.0f}; one fixed-φ network "
+        f"Training seconds ({'CPU' if args.device == 'cpu' else 'wall'}): hypernetwork {np.mean(h_cpu):.0f} ± {np.std(h_cpu):.0f}; one fixed-φ network "
         f"{np.mean(f_cpu):.0f} (mean over the 5 φ; φ=0.5: {np.mean(f_half):.0f}) → hypernetwork / fixed = "
         f"**{np.mean(h_cpu) / np.mean(f_cpu):.2f}×** (vs φ=0.5: {np.mean(h_cpu) / np.mean(f_half):.2f}×); the 5 fixed "
         f"networks together: {5 * np.mean(f_cpu):.0f} s. Goal ≤ 1.5×.\n\nHypernetwork within 0.5 Dice points of, or "
@@ -213,7 +239,7 @@ def spikes(losses: list[float], window: int = 20, factor: float = 2.0) -> int:
 
 
 def mip(args: argparse.Namespace, store: Store, tmp: Path) -> str:
-    train, val, _ = data(tmp, 4, args.subjects)
+    train, val, _ = data(args, tmp, 4)
 
     def run(condition: str, use_mip: bool, seed: int) -> dict[str, Any]:
         hcfg = HyperConfig(
@@ -351,6 +377,8 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--subjects", type=int, default=16, help="phantom subjects per site (split by subject)")
     ap.add_argument("--repeats", type=int, default=10, help="batched: timed repeats")
+    ap.add_argument("--size", type=int, default=64, help="phantom and network input size (px)")
+    ap.add_argument("--device", default="cpu", help="cpu | cuda (front: training, Dice and latency)")
     ap.add_argument("--out", type=Path, default=Path("runs/hyper_bench"))
     ap.add_argument("--figures", type=Path, default=Path("docs/figures"))
     args = ap.parse_args()
@@ -361,7 +389,8 @@ def main() -> None:
         if args.part == "batched":
             text = batched(args)
         else:
-            store = Store(args.out / f"{args.part}_{args.preset}_{args.steps}.json")
+            where = "" if (args.size, args.device) == (64, "cpu") else f"_{args.size}px_{args.device}"
+            store = Store(args.out / f"{args.part}_{args.preset}_{args.steps}{where}.json")
             text = (front if args.part == "front" else mip)(args, store, Path(tmp))
     text = f"{header(args)} · {time.perf_counter() - t0:.0f} s wall\n\n{text}"
     (args.out / f"{args.part}.md").write_text(text + "\n")
