@@ -51,7 +51,7 @@ def register(app: typer.Typer) -> None:
         steps: int = typer.Option(None, help="Training iterations. (default: 1000)"),
         batch_size: int = options.BATCH_SIZE,
         optimizer: str = typer.Option(None, help="sgd | adam. (default: adam)"),
-        lr: float = typer.Option(None, help="Learning rate. (default: 1e-2 sgd, 1e-3 adam)"),
+        lr: float = typer.Option(None, help="Learning rate. (default: 1e-2, the rate the benchmarks use)"),
         seed: int = options.SEED,
         size: int = options.SIZE,
         device: str = options.DEVICE,
@@ -81,7 +81,7 @@ def register(app: typer.Typer) -> None:
                 f"--scale-range {scale_range!r} needs two numbers", "e.g. --scale-range 0.25,0.75"
             )
         cfg = config_from_options(
-            config, task, {"optimizer": "adam"}, size, preset=preset, steps=steps, batch_size=batch_size,
+            config, task, {"optimizer": "adam", "lr": 1e-2}, size, preset=preset, steps=steps, batch_size=batch_size,
             optimizer=optimizer, lr=lr, seed=seed, device=device,
         )  # fmt: skip
         hcfg = HyperConfig(
