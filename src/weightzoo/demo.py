@@ -63,7 +63,11 @@ class DemoSettings:
         ("generate", 30.0),
         ("heads", 30.0),
         ("incontext", 10.0),
-    )  # prune: fixed 30 fine-tuning steps per method (~15 s); hyper: fixed 150 tiny steps (~25 s)
+    )  # prune: 30 fine-tuning steps per method (~18 s); hyper: 150 tiny steps (~6 s)
+    # seconds per training step of the first task model on the machine the budgets were set on
+    # (2026-11-22, 2 cores: 150 steps in ~19.5 s). A slower machine gets every later route's budget
+    # (and the fixed step counts) divided by its slowness, so the demo keeps to its 5 minutes.
+    reference_seconds_per_step: float = 0.13
 
 
 def _stats(
@@ -113,6 +117,7 @@ def run_demo(
     }
     trained: dict[str, TrainResult] = {}
     summaries: dict[str, dict[str, Any]] = {}
+    slowness = 1.0
     for task in s.tasks:
         cfg = TrainConfig(
             tasks=[task],
@@ -126,6 +131,8 @@ def run_demo(
             checkpoint_every=max(1, s.steps // 5),
         )
         res = train_model(ds, cfg, out / "models" / task, sites=[s.train_site], progress=progress)
+        if not trained and not res.skipped and res.resumed_from == 0:  # the first model times this machine
+            slowness = max(1.0, res.seconds / s.steps / s.reference_seconds_per_step)
         trained[task] = res
         summ = evaluate_segmenter(res.segmenter, ds, split="test")  # all sites' held-out subjects
         write_summary(summ, out / "models" / task / "summary_test.json")
@@ -150,20 +157,30 @@ def run_demo(
     rep = Report(out, "weightzoo demo")
     results["device"] = _device_line(s.device)
     _foundation_sections(rep, ds, s, results, trained, summaries, other_sites)
-    results["routes"] = _run_routes(rep, out, ds, s, log)
+    results["slowness"] = round(slowness, 2)
+    if slowness > 1.1:
+        log(
+            f"this machine trains {slowness:.2f}x slower than the reference: later routes get 1/{slowness:.2f} of their budgets"
+        )
+    results["routes"] = _run_routes(rep, out, ds, s, log, slowness)
     results["seconds_total"] = round(time.perf_counter() - t_start, 1)
     rep.section("Reproduce")
     rep.text(
-        f"weightzoo demo --out {out}  (seed {s.seed}; device {results['device']}; total {results['seconds_total']} s)"
+        f"weightzoo demo --out {out}  (seed {s.seed}; device {results['device']}; total {results['seconds_total']} s; "
+        f"this machine trained {slowness:.2f}x slower than the reference, so later routes ran on 1/{slowness:.2f} "
+        "of their budgets)"
     )
     rep.write(meta=f"weightzoo demo · {time.strftime('%Y-%m-%d %H:%M')} · {results['device']}")
     atomic_write_json(out / "summary.json", _jsonable(results))
     return results
 
 
-def _run_routes(rep: Report, out: Path, ds: RawDataset, s: DemoSettings, log: Any) -> dict[str, Any]:
-    """The later routes on the same phantoms, each adding its own section to the report."""
-    budget = dict(s.route_seconds)
+def _run_routes(
+    rep: Report, out: Path, ds: RawDataset, s: DemoSettings, log: Any, slowness: float = 1.0
+) -> dict[str, Any]:
+    """The later routes on the same phantoms, each adding its own section to the report. Budgets and
+    fixed step counts are divided by `slowness` (see DemoSettings.reference_seconds_per_step)."""
+    budget = {k: v / slowness for k, v in s.route_seconds}
     done: dict[str, Any] = {}
     for route in s.routes:
         t0 = time.perf_counter()
@@ -200,11 +217,12 @@ def _run_routes(rep: Report, out: Path, ds: RawDataset, s: DemoSettings, log: An
             from weightzoo.prune.demo import demo_prune
 
             task = "cord" if "cord" in s.tasks else s.tasks[0]
-            done["prune"] = demo_prune(out, ds, out / "models" / task, s.train_site, rep, log)
+            steps = max(10, round(30 / slowness))
+            done["prune"] = demo_prune(out, ds, out / "models" / task, s.train_site, rep, log, steps)
         elif route == "hyper":
             from weightzoo.hyper.demo import demo_hyper
 
-            done["hyper"] = demo_hyper(out, ds, s.train_site, rep, log)
+            done["hyper"] = demo_hyper(out, ds, s.train_site, rep, log, max(50, round(150 / slowness)))
         else:
             raise UnknownNameError("demo route", route, ROUTES)
         log(f"{route}: {time.perf_counter() - t0:.0f}s")
