@@ -187,7 +187,7 @@ def _run_routes(
         if route == "zoo":
             from weightzoo.zoo.demo import demo_zoo
 
-            done["zoo"] = demo_zoo(out, ds, rep, log, budget["zoo"])
+            done["zoo"] = demo_zoo(out, ds, rep, log, budget["zoo"], min_steps=max(20, round(40 / slowness)))
         elif route == "generate":
             from weightzoo.generate.demo import demo_generate
 
@@ -199,7 +199,9 @@ def _run_routes(
         elif route == "delta":
             from weightzoo.generate.delta_demo import demo_delta
 
-            done["delta"] = demo_delta(out, ds, rep, log, budget["delta"])
+            # its budget is in seconds of the reference machine (it sets step counts, timing nothing),
+            # so a slower machine divides it twice: fewer seconds, and slower ones
+            done["delta"] = demo_delta(out, ds, rep, log, budget["delta"] / slowness)
         elif route == "heads":
             from weightzoo.heads.demo import demo_heads
 
