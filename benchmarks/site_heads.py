@@ -172,7 +172,14 @@ def nuclei_bench(tmp: Path, quick: bool, seeds: list[int]) -> Bench | None:
     ds = import_dsb2018(src, tmp, tile=256, size=64, per_site=20 if quick else 60)
     note = "DSB 2018 nuclei, sites = acquisition types; first 60 images per type, 256 px crops resized to 64 px; subject = image"
     return Bench(
-        "Nuclei (DSB)", ds, ["nucleus"], Preprocessing("rgb", (64, 64), 2, ds.n_channels), seeds, None, [], note
+        "Nuclei (DSB)",
+        ds,
+        ["nucleus"],
+        Preprocessing("rgb", (64, 64), 2, ds.n_channels),
+        seeds,
+        None,
+        [],
+        note,
     )
 
 

@@ -197,7 +197,9 @@ def fuzz_hyper(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
     model = HyperUNet(ArchSpec.preset("tiny"), HyperConfig(condition="site", sites=["A", "B"]), seed=0)
     out = tmp_path_factory.mktemp("fuzzhyper") / "hyper"
-    return save_hyper(out, model, ["cord"], Preprocessing("zscore", (64, 64), 2, 1), 1.0, {"sites": ["A", "B"]})
+    return save_hyper(
+        out, model, ["cord"], Preprocessing("zscore", (64, 64), 2, 1), 1.0, {"sites": ["A", "B"]}
+    )
 
 
 @FUZZ
@@ -209,7 +211,19 @@ def test_fuzz_hyper_json(
     original = json.loads(path.read_text())
     image = tiny_phantom_dataset.image_files(tiny_phantom_dataset.cases()[0])[0]
     out = tmp_path / "mask.nii.gz"
-    argv = ["segment", "-m", str(fuzz_hyper), "--site", "A", "-i", str(image), "-o", str(out), "--device", "cpu"]
+    argv = [
+        "segment",
+        "-m",
+        str(fuzz_hyper),
+        "--site",
+        "A",
+        "-i",
+        str(image),
+        "-o",
+        str(out),
+        "--device",
+        "cpu",
+    ]
     _fuzz_file(data, original, path, lambda: main(argv), [out], capsys)
 
 
