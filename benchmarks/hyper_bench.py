@@ -255,7 +255,7 @@ def mip(args: argparse.Namespace, store: Store, tmp: Path) -> str:
         "|---|---|---:|---:|---:|",
     ]
     curves: dict[str, Any] = {}
-    for condition in ("scale", "site"):
+    for condition in args.conditions:
         runs = {
             (m, s): store.get(f"{condition}/{m}/{s}", lambda c=condition, m=m, s=s: run(c, m, s))
             for m in (True, False)
@@ -299,8 +299,9 @@ def mip_figure(curves: dict[str, Any], path: Path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(9, 3.4))
-    for ax, condition in zip(axes, ("scale", "site"), strict=True):
+    conditions = [c for c in ("scale", "site") if f"{c} steps" in curves]
+    fig, axes = plt.subplots(1, len(conditions), figsize=(4.5 * len(conditions), 3.4), squeeze=False)
+    for ax, condition in zip(axes[0], conditions, strict=True):
         steps = curves[f"{condition} steps"]
         for name in ("MIP", "default"):
             c = curves[f"{condition} {name}"]
@@ -377,6 +378,9 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--subjects", type=int, default=16, help="phantom subjects per site (split by subject)")
     ap.add_argument("--repeats", type=int, default=10, help="batched: timed repeats")
+    ap.add_argument(
+        "--conditions", nargs="+", default=["scale", "site"], choices=["scale", "site"], help="mip: which"
+    )
     ap.add_argument("--size", type=int, default=64, help="phantom and network input size (px)")
     ap.add_argument("--device", default="cpu", help="cpu | cuda (front: training, Dice and latency)")
     ap.add_argument("--out", type=Path, default=Path("runs/hyper_bench"))
