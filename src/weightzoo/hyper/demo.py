@@ -49,7 +49,8 @@ def demo_hyper(
         summ = evaluate_segmenter(NetSegmenter(net, spec, tasks, prep), ds, "test", sites=[site])
         dice = float(summ["mean"]["cord"]["Dice"])
         flops = unet_flops(spec.arch_kwargs, prep.channels, 1, prep.size, "scale", phi)
-        baselines.append({"scale": phi, "flops": flops, "dice": {"cord": dice}})
+        latency = next(r["latency_ms"] for r in rows if r["scale"] == phi)  # same architecture at this φ
+        baselines.append({"scale": phi, "flops": flops, "latency_ms": latency, "dice": {"cord": dice}})
     fig = front_figure(
         rows,
         out_dir / "front.png",
