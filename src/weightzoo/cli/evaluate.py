@@ -104,9 +104,9 @@ def register(app: typer.Typer) -> None:
         heads = is_heads_folder(model)  # site heads: each case is routed to its site's head
         hyper_sites = False
         if is_hyper_folder(model):  # scale: the network for --scale; site: each case gets its site's weights
-            from weightzoo.hyper.model import load_hyper
+            from weightzoo.hyper.model import read_hyper_json
 
-            hyper_sites = load_hyper(model)[0].hcfg.condition == "site"
+            hyper_sites = read_hyper_json(model)["hyper"]["condition"] == "site"
             seg = hyper_segmenter(model, scale, None, device)  # a site model: the unknown-site weights
         elif scale is not None:
             raise InputError("--scale needs a scale hypernetwork folder (hyper.json)", "drop --scale", model)

@@ -17,8 +17,9 @@ from weightzoo.hyper.model import (
     is_hyper_folder,
     load_hyper,
     save_hyper,
+    scale_space_spec,
 )
-from weightzoo.hyper.train import scale_space_spec, train_fixed_scale, train_hyper, train_hyper_on_slices
+from weightzoo.hyper.train import train_fixed_scale, train_hyper, train_hyper_on_slices
 
 __all__ = [
     "CosSinEncoding",

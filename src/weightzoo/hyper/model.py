@@ -33,8 +33,14 @@ from weightzoo.errors import InputError, ModelError, WeightzooError
 from weightzoo.fileio import atomic_write_json, read_folder_description
 from weightzoo.hyper.hypernet import OUTPUTS, CosSinEncoding, HyperNet, RawEncoding
 from weightzoo.nets.functional_unet import check_functional, he_init, param_shapes, unet_forward
-from weightzoo.nets.unet import SCALE_SPACE_UNET, ArchSpec, build_network, real_state_dict
-from weightzoo.segmenter import NetSegmenter, resolve_device
+from weightzoo.nets.unet import (
+    SCALE_SPACE_UNET,
+    ArchSpec,
+    build_network,
+    load_real_state_dict,
+    real_state_dict,
+)
+from weightzoo.segmenter import NetSegmenter, resolve_device, save_model
 
 HYPER_JSON, HYPER_WEIGHTS, HYPER_FORMAT = "hyper.json", "hyper.safetensors", "weightzoo-hyper"
 CONDITIONS = ("scale", "site")
@@ -87,6 +93,14 @@ class HyperConfig:
             raise InputError(
                 f"invalid hyper config ({e})", "re-create the folder with weightzoo", source
             ) from None
+
+
+def scale_space_spec(spec: ArchSpec, phi: float) -> ArchSpec:
+    """A PlainConvUNet preset `spec` as a scale-space U-Net resizing by `phi` (same features and convs)."""
+    check_functional(spec.arch_kwargs)
+    return ArchSpec(
+        {**spec.arch_kwargs, "scale": float(phi)}, spec.input_channels, spec.num_classes, SCALE_SPACE_UNET
+    )
 
 
 class HyperUNet(nn.Module):
@@ -180,8 +194,7 @@ class HyperUNet(nn.Module):
     def sample_spec(self, cond: Any) -> ArchSpec:
         if self.hcfg.condition == "site":
             return self.spec
-        kw = {**self.kw, "scale": self.check_scale(cond)}
-        return ArchSpec(kw, self.spec.input_channels, self.spec.num_classes, SCALE_SPACE_UNET)
+        return scale_space_spec(self.spec, self.check_scale(cond))
 
     @torch.no_grad()
     def sample_network(self, cond: Any) -> nn.Module:
@@ -198,8 +211,6 @@ class HyperUNet(nn.Module):
                 if k.startswith("unused__")
             }
             state = {**unused, **gen}
-        from weightzoo.nets.unet import load_real_state_dict
-
         return load_real_state_dict(net, state).eval()
 
     def n_params(self) -> int:
@@ -325,8 +336,6 @@ def sample_to_folder(
     folder: str | Path, out: str | Path, scale: float | None = None, site: str | None = None
 ) -> Path:
     """`weightzoo hyper sample`: one condition's network as a plain model folder."""
-    from weightzoo.segmenter import save_model
-
     seg = hyper_segmenter(folder, scale, site, device="cpu")
     meta = read_hyper_json(folder)
     cond = {"scale": scale} if seg.spec.network_class_name == SCALE_SPACE_UNET else {"site": site}

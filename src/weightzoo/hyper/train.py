@@ -32,9 +32,10 @@ from weightzoo.hyper.model import (
     load_hyper,
     read_hyper_json,
     save_hyper,
+    scale_space_spec,
 )
 from weightzoo.nets.functional_unet import check_functional
-from weightzoo.nets.unet import SCALE_SPACE_UNET, ArchSpec, build_network
+from weightzoo.nets.unet import ArchSpec, build_network
 from weightzoo.train.config import TrainConfig
 from weightzoo.train.loop import history_to_json, slices_hash
 
@@ -104,14 +105,6 @@ class _IgnoreCond(nn.Module):
 
     def forward(self, x: torch.Tensor, cond: Any) -> torch.Tensor:
         return self.net(x)
-
-
-def scale_space_spec(spec: ArchSpec, phi: float) -> ArchSpec:
-    """The preset `spec` as a scale-space U-Net resizing by `phi` (same features and convs)."""
-    check_functional(spec.arch_kwargs)
-    return ArchSpec(
-        {**spec.arch_kwargs, "scale": float(phi)}, spec.input_channels, spec.num_classes, SCALE_SPACE_UNET
-    )
 
 
 def train_fixed_scale(
