@@ -6,6 +6,7 @@ printed as one line (`error: <file>: <what> — <fix>`) with exit code 2; `--deb
 
 from __future__ import annotations
 
+import os
 import sys
 import warnings
 
@@ -90,6 +91,8 @@ def main(argv: list[str] | None = None) -> int:
     """Console-script entry point: run the app, turning user errors into one-line messages."""
     debug = "--debug" in (argv if argv is not None else sys.argv[1:])
     warnings.showwarning = _show_warning
+    if int(os.environ.get("RANK", "0") or 0) > 0 and int(os.environ.get("WORLD_SIZE", "1") or 1) > 1:
+        sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - torchrun's other ranks: rank 0 reports; errors still show
     try:
         app(args=argv, standalone_mode=False)
     except WeightzooError as e:

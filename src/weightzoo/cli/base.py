@@ -12,6 +12,8 @@ from pathlib import Path
 import typer
 from rich.console import Console
 
+from weightzoo.cli.options import distributed_options
+
 console = Console(highlight=False)
 
 
@@ -21,6 +23,7 @@ def register(app: typer.Typer) -> None:
     app.add_typer(base_app, name="base")
 
     @base_app.command("train")
+    @distributed_options()
     def train(
         dataset: Path = typer.Option(..., "--dataset", "-d", help="nnU-Net raw dataset folder."),
         tasks: str = typer.Option(

@@ -10,6 +10,8 @@ from typing import Any
 import typer
 from rich.console import Console
 
+from weightzoo.cli.options import distributed_options
+
 console = Console(highlight=False)
 gen_app = typer.Typer(
     help="Generate trained segmentation weights with a diffusion model trained on a checkpoint zoo.",
@@ -40,6 +42,7 @@ def _targets(value: str, tasks: list[str]) -> dict[str, float]:
 
 
 @gen_app.command("train")
+@distributed_options(local_sgd=False)
 def train(
     zoo: Path = typer.Option(..., "--zoo", "-z", help="Zoo folder (`weightzoo zoo build`)."),
     out: Path = typer.Option(..., "--out", "-o", help="Generator folder to write (gen/)."),

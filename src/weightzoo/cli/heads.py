@@ -19,6 +19,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from weightzoo.cli import options
+from weightzoo.cli.options import distributed_options
 
 console = Console(highlight=False)
 
@@ -87,6 +88,7 @@ def register(app: typer.Typer) -> None:
     )
 
     @heads_app.command("train")
+    @distributed_options()
     def train(
         dataset: Path = typer.Option(..., "--dataset", "-d", help="nnU-Net raw dataset with a `sites` map."),
         task: str = typer.Option(None, "--task", "-t", help="Task(s), comma-separated: cord or cord,gm."),

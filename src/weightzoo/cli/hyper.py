@@ -17,6 +17,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from weightzoo.cli import options
+from weightzoo.cli.options import distributed_options
 
 console = Console(highlight=False)
 
@@ -29,6 +30,7 @@ def register(app: typer.Typer) -> None:
     )
 
     @hyper_app.command("train")
+    @distributed_options()
     def train(
         dataset: Path = typer.Option(..., "--dataset", "-d", help="nnU-Net raw dataset."),
         task: str = typer.Option(None, "--task", "-t", help="Task(s), comma-separated: cord or cord,gm."),

@@ -25,6 +25,7 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
+from weightzoo.cli.options import distributed_options
 from weightzoo.errors import InputError
 
 console = Console(highlight=False)
@@ -169,6 +170,7 @@ def register(app: typer.Typer) -> None:
             console.print(f"[green]wrote[/] {escape(str(p))}", soft_wrap=True)
 
     @ic.command("train")
+    @distributed_options(local_sgd=False)
     def train_cmd(
         tasks: str = typer.Option(
             "synth,phantom",

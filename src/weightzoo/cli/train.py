@@ -8,6 +8,9 @@ from typing import Any
 import typer
 from rich.console import Console
 
+from weightzoo.cli.options import distributed_options
+from weightzoo.train.distributed import DistOptions
+
 console = Console(highlight=False)
 
 
@@ -20,6 +23,7 @@ def register(app: typer.Typer) -> None:
     """Add the `train` command to `app`."""
 
     @app.command("train")
+    @distributed_options()
     def train(
         dataset: Path = typer.Option(
             ..., "--dataset", "-d", help="nnU-Net raw dataset folder DatasetXXX_Name."
@@ -53,11 +57,13 @@ def register(app: typer.Typer) -> None:
         ),
         force: bool = typer.Option(False, "--force", help="Overwrite whatever the --out folder holds."),
         progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar."),
+        dist: DistOptions | None = None,
     ) -> None:
         """Train a U-Net (nnU-Net's 2-D recipe) for one or more binary tasks; writes a model folder.
 
         Killed? Run the same command again: it resumes from the last checkpoint and ends with the
-        same weights as an uninterrupted run.
+        same weights as an uninterrupted run. Several processes: `torchrun --nproc-per-node N -m
+        weightzoo train ... --ddp` (or --local-sgd H); see docs/distributed.md.
         """
         from weightzoo.data.raw import RawDataset
         from weightzoo.errors import InputError
@@ -91,7 +97,9 @@ def register(app: typer.Typer) -> None:
             f"{cfg.optimizer} · seed {cfg.seed} → {out_dir}"
         )
         sites = list(site) if site else None
-        result = train_model(ds, cfg, out_dir, sites=sites, resume=resume, force=force, progress=progress)
+        result = train_model(
+            ds, cfg, out_dir, sites=sites, resume=resume, force=force, progress=progress, dist=dist
+        )
         final = result.history[-1] if result.history else {}
         dice = format_dice(final.get("val_dice", {})) or "no validation split"
         if result.skipped:

@@ -56,6 +56,7 @@ from weightzoo.generate.train import (
 from weightzoo.nets.unet import build_network, load_real_state_dict
 from weightzoo.segmenter import resolve_device
 from weightzoo.train.config import TRAINABLE
+from weightzoo.train.distributed import DataParallel
 from weightzoo.zoo.base import SEG_PREFIX, BaseNet, is_trainable, restrict_to_tasks
 from weightzoo.zoo.store import Zoo
 
@@ -411,7 +412,9 @@ def train_delta_generator(
     data = as_data(runs, deltas, known)
     val_data = as_data(val_runs, *load_deltas(zoo, val_runs, layout)) if val_runs else None
 
-    device = resolve_device(cfg.device)
+    dp, device = DataParallel.start(None, resolve_device(cfg.device), "delta generator", local_sgd=False)
+    if dp.identity() is not None:
+        identity = {**identity, "distributed": dp.identity()}
     torch.manual_seed(cfg.seed)
     model = DeltaDenoiser(layout.numel, len(base.tasks), len(mu), cfg.hidden, cfg.depth)
     ema = EMA(model, cfg.ema)
@@ -428,7 +431,10 @@ def train_delta_generator(
         log(f"resumed from step {start}")
     model.to(device)
     ema.model.to(device)
-    out.mkdir(parents=True, exist_ok=True)
+    wrapped = dp.wrap(model, static_graph=False)  # after restoring: every rank has read the same file
+    dp.barrier()
+    if dp.is_writer:
+        out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
 
     def seconds() -> float:
@@ -452,21 +458,21 @@ def train_delta_generator(
         lr = cfg.lr * min(1.0, (step + 1) / 100) * 0.5 * (1 + math.cos(math.pi * step / cfg.steps))
         for group in opt.param_groups:
             group["lr"] = lr
-        b = make_batch(data, sampler, cfg, _step_generator(cfg.seed, step))
-        loss = batch_loss(model, {k: v.to(device) for k, v in b.items()}, alpha_bar.to(device))
+        b = dp.take_rows(make_batch(data, sampler, cfg, _step_generator(cfg.seed, step)), cfg.batch_size)
+        loss = batch_loss(wrapped, {k: v.to(device) for k, v in b.items()}, alpha_bar.to(device))  # type: ignore[arg-type]
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         ema.update(model)
         running += loss.item()
-        if (step + 1) % 100 == 0 or step + 1 == cfg.steps:
+        if ((step + 1) % 100 == 0 or step + 1 == cfg.steps) and dp.is_writer:
             n = (step % 100) + 1
             history.append(
                 {"step": step + 1, "loss": running / n, "val_loss": val_loss(), "seconds": seconds()}
             )
             running = 0.0
-        if (step + 1) % cfg.checkpoint_every == 0 and step + 1 < cfg.steps:
+        if (step + 1) % cfg.checkpoint_every == 0 and step + 1 < cfg.steps and dp.is_writer:
             tensors, st = training_state(model, ema, opt)
             save_state(
                 ckpt,
@@ -477,8 +483,6 @@ def train_delta_generator(
     site_embs = {s: sampler.standardise(site_embedding(f)).tolist() for s, f in feats.items()}
     weights = {f"model.{k}": v.cpu() for k, v in ema.model.state_dict().items()}
     weights.update({"stats.mean": mean, "stats.rms": rms, "emb.mu": mu, "emb.sd": sd})
-    save_state(out / GEN_WEIGHTS, weights, {"format": GEN_FORMAT, "kind": KIND})
-    atomic_write_bytes(out / BASE_FILE, base.weights)
     meta = {
         "format": GEN_FORMAT,
         "version": 2,
@@ -501,9 +505,14 @@ def train_delta_generator(
         "val_runs": [r.run_id for r in val_runs],
         "history": history,
         "seconds": seconds(),
+        **({"distributed": dp.summary()} if dp.summary() is not None else {}),
     }
-    atomic_write_json(out / GEN_JSON, meta)
-    ckpt.unlink(missing_ok=True)
+    if dp.is_writer:  # under torchrun, rank 0 alone writes
+        save_state(out / GEN_WEIGHTS, weights, {"format": GEN_FORMAT, "kind": KIND})
+        atomic_write_bytes(out / BASE_FILE, base.weights)
+        atomic_write_json(out / GEN_JSON, meta)
+        ckpt.unlink(missing_ok=True)
+    dp.barrier()
     last = history[-1] if history else {}
     log(
         f"delta generator: {len(runs)} runs, {layout.numel:,} generated entries ({cfg.subset}), "

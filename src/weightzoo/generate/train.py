@@ -50,6 +50,7 @@ from weightzoo.generate.diffusion import EMA, DiffusionConfig, ParamDiffusion, c
 from weightzoo.generate.vectors import TaskLayout, base_key
 from weightzoo.nets.unet import ArchSpec
 from weightzoo.segmenter import resolve_device
+from weightzoo.train.distributed import DataParallel
 from weightzoo.zoo.params import ParamLayout
 from weightzoo.zoo.store import Zoo
 
@@ -627,9 +628,12 @@ def train_generator(
         "channels": body.input_channels,
     }
 
-    device = resolve_device(cfg.device)
+    dp, device = DataParallel.start(None, resolve_device(cfg.device), "generator", local_sgd=False)
+    if dp.identity() is not None:
+        identity = {**identity, "distributed": dp.identity()}
     torch.manual_seed(cfg.seed)
     model = ParamDiffusion(layout.layout, len(tasks), len(sites), mcfg).to(device)
+    wrapped = dp.wrap(model, static_graph=False)  # before restoring: DDP broadcasts rank 0's weights
     ema = EMA(model, float(cfg.ema))  # type: ignore[arg-type]
     opt = torch.optim.AdamW(model.parameters(), lr=float(cfg.lr), weight_decay=cfg.weight_decay)  # type: ignore[arg-type]
     alpha_bar = cosine_alpha_bar(mcfg.timesteps).to(device)
@@ -653,7 +657,9 @@ def train_generator(
         restore_training_state(tensors, st, model, ema, opt)
         start, history, seconds_before = int(st["step"]), st["history"], float(st["seconds"])
         say(f"resumed from step {start}")
-    out_dir.mkdir(parents=True, exist_ok=True)
+    dp.barrier()
+    if dp.is_writer:
+        out_dir.mkdir(parents=True, exist_ok=True)
 
     to_dev = {"start", "target", "mask", "current", "goal", "site", "t", "noise"}
     val_rows = None
@@ -689,9 +695,10 @@ def train_generator(
         for group in opt.param_groups:
             group["lr"] = _lr_at(cfg, step)
         batch = make_batch(data, norm, cfg, _step_generator(cfg.seed, step), pool, mcfg.timesteps)
+        batch = dp.take_rows(batch, int(cfg.batch_size))  # type: ignore[arg-type]  # torchrun: own rows
         batch = {k: (v.to(device) if k in to_dev else v) for k, v in batch.items()}
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-            loss = batch_loss(model, batch, alpha_bar)
+            loss = batch_loss(wrapped, batch, alpha_bar)  # type: ignore[arg-type]
         opt.zero_grad(set_to_none=True)
         loss.backward()
         if cfg.grad_clip > 0:
@@ -706,7 +713,7 @@ def train_generator(
         run_loss += loss_value
         run_n += 1
         done = step + 1
-        if done % cfg.log_every == 0 or done == steps:
+        if (done % cfg.log_every == 0 or done == steps) and dp.is_writer:
             entry = {"step": done, "loss": run_loss / run_n, "val_loss": val_loss(), "lr": _lr_at(cfg, step)}
             entry["seconds"] = round(seconds(), 2)
             history.append(entry)
@@ -717,10 +724,11 @@ def train_generator(
                 f"step {done}/{steps} · loss {entry['loss']:.4f}"
                 + (f" · val-run loss {vl:.4f}" if vl is not None else "")
             )
-        if done % cfg.checkpoint_every == 0 and done < steps:
+        if done % cfg.checkpoint_every == 0 and done < steps and dp.is_writer:
             checkpoint(done)
         if stop_after is not None and done >= stop_after and done < steps:
-            checkpoint(done)
+            if dp.is_writer:
+                checkpoint(done)
             return GenTrainResult(out_dir, done, seconds(), history, {})
 
     total = seconds()
@@ -752,11 +760,14 @@ def train_generator(
         "seconds": total,
         "device": str(device),
         "precision": "bf16 autocast" if amp else "fp32",
+        **({"distributed": dp.summary()} if dp.summary() is not None else {}),
         "n_params": sum(p.numel() for p in model.parameters()),
         "finished": True,
     }
-    save_state(out_dir / GEN_WEIGHTS, ema.model.state_dict(), {"format": GEN_FORMAT})
-    atomic_write_json(out_dir / GEN_LOG, {"history": _jsonable(history)})
-    atomic_write_json(out_dir / GEN_JSON, _jsonable(meta))
-    ckpt_path.unlink(missing_ok=True)
+    if dp.is_writer:  # under torchrun, rank 0 alone writes
+        save_state(out_dir / GEN_WEIGHTS, ema.model.state_dict(), {"format": GEN_FORMAT})
+        atomic_write_json(out_dir / GEN_LOG, {"history": _jsonable(history)})
+        atomic_write_json(out_dir / GEN_JSON, _jsonable(meta))
+        ckpt_path.unlink(missing_ok=True)
+    dp.barrier()
     return GenTrainResult(out_dir, steps, total, history, meta)

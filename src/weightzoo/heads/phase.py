@@ -33,9 +33,10 @@ from weightzoo.errors import InputError, ModelError
 from weightzoo.heads.model import State, split_state
 from weightzoo.nets.unet import real_state_dict
 from weightzoo.segmenter import resolve_device
-from weightzoo.train.augment import augment_batch
+from weightzoo.train.augment import augment_batch, augment_rows
 from weightzoo.train.checkpoint import CKPT_FORMAT, read_checkpoint, restore_checkpoint, save_checkpoint
 from weightzoo.train.config import TrainConfig
+from weightzoo.train.distributed import DataParallel
 from weightzoo.train.loop import (
     autocast_dtype,
     evaluate_slices,
@@ -213,16 +214,26 @@ def run_phase(
     cfg.checkpoint_every steps and resumed from when its `identity` matches (else a ModelError).
     `stop_after`: return unfinished (as if killed) once this call has run that many steps (tests).
     `step_losses`: if given, every step's training loss is appended to it (loss-spike counts).
+    Under torchrun (weightzoo.train.distributed): each rank trains on its rows of the global batch;
+    rank 0 alone validates and writes checkpoints.
     """
-    device = resolve_device(cfg.device)
+    dp, device = DataParallel.start(None, resolve_device(cfg.device))
+    if dp.active and dp.options.split != "batch":
+        raise InputError(
+            f"--split {dp.options.split} shards data for `weightzoo train` / `base train` only",
+            "use --split batch (the default) for this route",
+        )
     vals = [] if val is None else val if isinstance(val, list) else [val]
     model.to(device).train()
+    wrapped = dp.wrap(model, static_graph=False)  # heads/conditions used can change per batch
     optimizer = make_optimizer(model, cfg)
     loss_fn, amp = DiceBCELoss(), autocast_dtype(cfg, device)
     seed = _phase_seed(cfg.seed, phase)
-    identity = json.loads(json.dumps({"phase": phase, **(identity or {})}))
+    dist_identity = {"distributed": dp.identity()} if dp.identity() is not None else {}
+    identity = json.loads(json.dumps({"phase": phase, **(identity or {}), **dist_identity}))
     start, history, before, loss_sum, loss_n = 0, [], 0.0, 0.0, 0
     ckpt = read_checkpoint(run_dir) if run_dir is not None else None
+    dp.barrier()  # every rank has read the checkpoint before rank 0 may replace it
     if ckpt is not None:
         if ckpt[1].get("run") != identity:
             raise ModelError(
@@ -230,10 +241,13 @@ def run_phase(
                 "use --force to start again, or the command and options of the interrupted run",
                 run_dir,
             )
-        restore_checkpoint(model, optimizer, *ckpt)
+        restore_checkpoint(model, optimizer, dp.restore(ckpt[0]), ckpt[1])
+        dp.to_device(device)
         st = ckpt[1]
         start, history, before = int(st["step"]), history_from_json(st["history"]), float(st["seconds"])
         loss_sum, loss_n = float(st["loss_sum"]), int(st["loss_n"])
+    dp.ready(model, start)
+    rows = dp.rows(cfg.batch_size)
     x_all = torch.from_numpy(np.ascontiguousarray(train.images)).to(device)
     y_all = torch.from_numpy(np.ascontiguousarray(train.labels)).to(device)
     t0 = time.perf_counter()
@@ -248,7 +262,7 @@ def run_phase(
         BarColumn(),
         MofNCompleteColumn(),
         TimeElapsedColumn(),
-        disable=not progress,
+        disable=not (progress and dp.is_writer),
     )
     with prog:
         bar = prog.add_task(phase, total=cfg.steps, completed=start)
@@ -257,21 +271,25 @@ def run_phase(
             for group in optimizer.param_groups:
                 group["lr"] = lr
             idx, cond = sampler(step_generator(seed, step, _DATA))
-            xb, yb = augment_batch(
-                x_all[idx.to(device)],
-                y_all[idx.to(device)],
-                cfg.augment,
-                step_generator(seed, step, _AUGMENT),
-            )
-            torch.manual_seed(step_seed(seed, step, _TORCH))  # dropout
+            aug_gen = step_generator(seed, step, _AUGMENT)
+            if rows is None:
+                xb, yb = augment_batch(x_all[idx.to(device)], y_all[idx.to(device)], cfg.augment, aug_gen)
+            else:  # this rank's rows of the global batch (and of a per-sample condition)
+                own = idx[rows].to(device)
+                xb, yb = augment_rows(x_all[own], y_all[own], cfg.augment, aug_gen, len(idx), rows)
+                if torch.is_tensor(cond) and cond.dim() > 0 and len(cond) == len(idx):
+                    cond = cond[rows]
+            torch.manual_seed(step_seed(dp.seed(seed), step, _TORCH))  # dropout
             cond = cond.to(device) if torch.is_tensor(cond) else cond
-            loss = train_step(_Bound(model, cond), optimizer, loss_fn, xb, yb, amp, cfg.grad_clip)
+            net = _Bound(dp.model(step, model, wrapped), cond)
+            loss = train_step(net, optimizer, dp.loss(step, loss_fn), xb, yb, amp, cfg.grad_clip)
             loss_sum, loss_n, done = loss_sum + float(loss), loss_n + 1, step + 1
+            dp.after_step(done, cfg.steps, lr, model, optimizer)
             if step_losses is not None:
                 step_losses.append(float(loss))
             if done % cfg.val_every == 0 or done == cfg.steps:
                 entry: dict[str, Any] = {"step": done, "train_loss": loss_sum / loss_n, "lr": lr}
-                if vals:
+                if vals and dp.is_writer:
                     vloss, vdice = _validate(model, vals, loss_fn, device, amp)
                     entry.update(val_loss=vloss, val_dice=dict(zip(cfg.tasks, vdice, strict=True)))
                 entry["seconds"] = round(seconds(), 3)
@@ -288,12 +306,15 @@ def run_phase(
                     "loss_sum": loss_sum,
                     "loss_n": loss_n,
                 }
-                save_checkpoint(run_dir, model, optimizer, state)
+                extra = dp.checkpoint_extra(model, optimizer)  # a collective: every rank
+                if dp.is_writer:
+                    save_checkpoint(run_dir, model, optimizer, state, extra)
             prog.update(bar, completed=done)
             if stop_after is not None and done - start >= stop_after and done < cfg.steps:
                 return PhaseResult(history, seconds(), False, start, done - start)
     model.eval()
-    return PhaseResult(history, seconds(), True, start, cfg.steps - start)
+    info = {"distributed": dp.summary()} if dp.summary() is not None else {}
+    return PhaseResult(history, seconds(), True, start, cfg.steps - start, info)
 
 
 def _validate(

@@ -47,6 +47,7 @@ from weightzoo.heads.phase import (
 )
 from weightzoo.nets.unet import ArchSpec, build_network, real_state_dict
 from weightzoo.train.config import TrainConfig
+from weightzoo.train.distributed import barrier, is_writer
 from weightzoo.train.loop import slices_hash
 
 RUNS_DIR = ".runs"
@@ -308,8 +309,9 @@ def train_heads(
             }
         )
     )
-    if force:
+    if force and is_writer():  # under torchrun, rank 0 alone writes; the others wait at each barrier
         _clear(out)
+    barrier()
     done: list[str] = []
     if is_heads_folder(out):
         meta = read_heads_json(out)
@@ -324,8 +326,9 @@ def train_heads(
         raise ModelError(
             "the folder holds a plain model", "use another --out, or --force to overwrite it", out
         )
-    if not resume:
+    if not resume and is_writer():
         shutil.rmtree(out / RUNS_DIR, ignore_errors=True)
+    barrier()
     phases: list[str] = []
     left = stop_after  # steps this call may still run (tests: "killed" after that many)
 
@@ -358,8 +361,11 @@ def train_heads(
                 "val": sorted({ds.subject(c) for c in val_cases}),
             },
         }
-        hm.save(out)
-        shutil.rmtree(_run_dir(out, "backbone"), ignore_errors=True)
+        hm.info.update(res.info)  # the distributed summary, under torchrun
+        if is_writer():
+            hm.save(out)
+            shutil.rmtree(_run_dir(out, "backbone"), ignore_errors=True)
+        barrier()
         done = ["backbone"]
     hm = HeadedModel.load(out)
     for site in sites:
@@ -389,8 +395,10 @@ def train_heads(
         left = None if left is None else left - res.steps_run
         hm.set_head(site, state, info)
         hm.info["phases_done"] = done = [*done, phase]
-        hm.save_head(out, site)
-        shutil.rmtree(_run_dir(out, phase), ignore_errors=True)
+        if is_writer():
+            hm.save_head(out, site)
+            shutil.rmtree(_run_dir(out, phase), ignore_errors=True)
+        barrier()
     if unfreeze_steps and "joint" not in done:
         if left is not None and left <= 0:
             return stopped()
@@ -403,10 +411,14 @@ def train_heads(
         if new is None:
             return stopped()
         new.info["phases_done"] = [*done, "joint"]
-        new.save(out)
-        shutil.rmtree(_run_dir(out, "joint"), ignore_errors=True)
+        if is_writer():
+            new.save(out)
+            shutil.rmtree(_run_dir(out, "joint"), ignore_errors=True)
+        barrier()
         hm = new
-    shutil.rmtree(out / RUNS_DIR, ignore_errors=True)
+    if is_writer():
+        shutil.rmtree(out / RUNS_DIR, ignore_errors=True)
+    barrier()
     return HeadsResult(HeadedModel.load(out), out, True, phases, time.perf_counter() - t0)
 
 

@@ -37,6 +37,7 @@ from weightzoo.hyper.model import (
 from weightzoo.nets.functional_unet import check_functional
 from weightzoo.nets.unet import ArchSpec, build_network
 from weightzoo.train.config import TrainConfig
+from weightzoo.train.distributed import barrier, is_writer
 from weightzoo.train.loop import history_to_json, slices_hash
 
 RUN_DIR = ".runs/hyper"
@@ -164,10 +165,11 @@ def train_hyper(
             }
         )
     )
-    if force:
+    if force and is_writer():
         shutil.rmtree(out / RUN_DIR, ignore_errors=True)
         for f in ("hyper.json", "hyper.safetensors"):
             (out / f).unlink(missing_ok=True)
+    barrier()
     if is_hyper_folder(out):
         if read_hyper_json(out).get("info", {}).get("run") != identity:
             raise ModelError(
@@ -178,10 +180,12 @@ def train_hyper(
         return load_hyper(out)[0], False
     if (out / "model.json").exists() or (out / "heads.json").exists():
         raise ModelError("the folder holds another kind of model", "use another --out, or --force", out)
-    if not resume:
-        shutil.rmtree(out / RUN_DIR, ignore_errors=True)
     run_dir = out / RUN_DIR
-    run_dir.mkdir(parents=True, exist_ok=True)
+    if is_writer():  # under torchrun, rank 0 alone writes
+        if not resume:
+            shutil.rmtree(run_dir, ignore_errors=True)
+        run_dir.mkdir(parents=True, exist_ok=True)
+    barrier()
     log(
         f"hypernetwork ({hcfg.condition}, {'MIP' if hcfg.mip else 'default'} parametrization): {cfg.steps} steps"
     )
@@ -189,6 +193,7 @@ def train_hyper(
     if not res.finished:
         return None, True
     info = {
+        **res.info,
         "run": identity,
         "config": cfg.to_dict(),
         "history": history_to_json(res.history),
@@ -202,6 +207,8 @@ def train_hyper(
             "val": sorted({ds.subject(c) for c in val_cases}),
         },
     }
-    save_hyper(out, model.cpu(), cfg.tasks, prep, res.seconds, info)
-    shutil.rmtree(out / ".runs", ignore_errors=True)
+    if is_writer():
+        save_hyper(out, model.cpu(), cfg.tasks, prep, res.seconds, info)
+        shutil.rmtree(out / ".runs", ignore_errors=True)
+    barrier()
     return model, True

@@ -36,6 +36,7 @@ from weightzoo.errors import InputError, ModelError
 from weightzoo.fileio import atomic_write_bytes, atomic_write_json, read_json
 from weightzoo.incontext.model import InContextNet, InContextSpec, best_candidate_loss, count_parameters
 from weightzoo.incontext.tasks import TaskSampler, TaskSource, build_sources
+from weightzoo.train.distributed import DataParallel
 
 CONFIG_JSON, WEIGHTS, LOG_JSON, LOG_TXT = "config.json", "model.safetensors", "log.json", "train_log.txt"
 CKPT_PT, CKPT_JSON = "checkpoint.pt", "checkpoint.json"
@@ -220,13 +221,15 @@ def train_incontext(
     from weightzoo.segmenter import resolve_device
 
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    dp, device = DataParallel.start(None, resolve_device(cfg.device), "in-context", local_sgd=False)
+    if dp.is_writer:
+        out.mkdir(parents=True, exist_ok=True)
     if (out / CONFIG_JSON).exists() and not (out / CKPT_JSON).exists():
         raise ModelError("the folder already holds a finished in-context model", "use another --out", out)
     cache = Path(cache) if cache is not None else out / "cache"
-    device = resolve_device(cfg.device)
     torch.manual_seed(cfg.seed)
     net = InContextNet(cfg.spec()).to(device)
+    wrapped = dp.wrap(net, static_graph=False)  # before restoring: DDP broadcasts rank 0's weights
     opt = torch.optim.Adam(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     start, history, seconds_before = 0, [], 0.0
     loss_sum, loss_n = 0.0, 0
@@ -261,10 +264,12 @@ def train_incontext(
         s_n = int(torch.randint(cfg.support_min, cfg.support_max + 1, (), generator=g))
         k = 1 if bool(torch.rand((), generator=g) < cfg.single_fraction) else cfg.candidates
         x, y, _ = sampler.sample(cfg.tasks_per_batch, s_n + 1, g)
+        rows = dp.rows(cfg.tasks_per_batch)  # torchrun: this rank's tasks of the global batch
+        x, y = (x, y) if rows is None else (x[rows], y[rows])
         q, s, t = split_batch(x, y)
         for group in opt.param_groups:
             group["lr"] = lr_at(cfg, step)
-        loss = best_candidate_loss(net(q.to(device), s.to(device), k, generator=g), t.to(device))
+        loss = best_candidate_loss(wrapped(q.to(device), s.to(device), k, generator=g), t.to(device))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         if cfg.grad_clip > 0:
@@ -272,7 +277,7 @@ def train_incontext(
         opt.step()
         loss_sum, loss_n = loss_sum + loss.item(), loss_n + 1
         done = step + 1
-        if done % cfg.log_every == 0 or done == cfg.steps:
+        if (done % cfg.log_every == 0 or done == cfg.steps) and dp.is_writer:
             entry = {"step": done, "train_loss": round(loss_sum / loss_n, 5), "lr": lr_at(cfg, step)}
             entry.update({k_: round(v, 4) for k_, v in validate(net, val, cfg, device).items()})
             entry["seconds"] = round(seconds(), 1)
@@ -284,9 +289,10 @@ def train_incontext(
                     f"step {done}/{cfg.steps} loss {entry['train_loss']:.4f} val Dice {entry['val_dice']:.3f} "
                     f"best-of-{cfg.candidates} {entry['val_best_dice']:.3f} ({entry['seconds']:.0f} s)"
                 )
-        if (done % cfg.checkpoint_every == 0 and done < cfg.steps) or (
-            stop_after is not None and done >= stop_after
-        ):
+        if (
+            (done % cfg.checkpoint_every == 0 and done < cfg.steps)
+            or (stop_after is not None and done >= stop_after)
+        ) and dp.is_writer:
             torch.save({"net": net.state_dict(), "opt": opt.state_dict()}, out / CKPT_PT)
             atomic_write_json(
                 out / CKPT_JSON,
@@ -299,8 +305,8 @@ def train_incontext(
                     "loss_n": loss_n,
                 },
             )
-            if stop_after is not None and done >= stop_after and done < cfg.steps:
-                return {"finished": False, "step": done}
+        if stop_after is not None and done >= stop_after and done < cfg.steps:
+            return {"finished": False, "step": done}
     meta = {
         "format": FORMAT,
         "version": 1,
@@ -314,12 +320,17 @@ def train_incontext(
         "command": command,
         "final": history[-1] if history else {},
         "finished": True,
+        **({"distributed": dp.summary()} if dp.summary() is not None else {}),
     }
-    save_file({k_: v.detach().cpu().contiguous() for k_, v in net.state_dict().items()}, str(out / WEIGHTS))
-    atomic_write_json(out / CONFIG_JSON, meta)
-    write_log()
-    for name in (CKPT_PT, CKPT_JSON):
-        (out / name).unlink(missing_ok=True)
+    if dp.is_writer:  # under torchrun, rank 0 alone writes
+        save_file(
+            {k_: v.detach().cpu().contiguous() for k_, v in net.state_dict().items()}, str(out / WEIGHTS)
+        )
+        atomic_write_json(out / CONFIG_JSON, meta)
+        write_log()
+        for name in (CKPT_PT, CKPT_JSON):
+            (out / name).unlink(missing_ok=True)
+    dp.barrier()
     return meta
 
 

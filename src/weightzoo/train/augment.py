@@ -141,6 +141,12 @@ class AugmentDraws:
             torch.cat(noise) if all(n is not None for n in noise) else None,  # type: ignore[misc]
         )
 
+    def select(self, rows: torch.Tensor) -> AugmentDraws:
+        """The draws of some samples only (a data-parallel rank's rows of the global batch)."""
+        return AugmentDraws(
+            self.fire[rows], self.mag[rows], self.chan[rows], None if self.noise is None else self.noise[rows]
+        )
+
 
 def draw_augmentation(
     shape: tuple[int, ...], strength: float, generator: torch.Generator, intensity: bool = True
@@ -198,6 +204,24 @@ def augment_batch(
     if strength == 0:
         return images.to(torch.float32, copy=True), labels.clone()
     return apply_augmentation(images, labels, draws, spatial, intensity)
+
+
+def augment_rows(
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    strength: float,
+    generator: torch.Generator,
+    batch_size: int,
+    rows: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows `rows` of what `augment_batch` gives a batch of `batch_size` drawn from `generator`:
+    images/labels hold those rows only. Data-parallel ranks thus augment their share of one
+    global batch exactly as a single process would."""
+    shape = (batch_size, *images.shape[1:])
+    draws = draw_augmentation(tuple(shape), strength, generator).select(rows)
+    if strength == 0:
+        return images.to(torch.float32, copy=True), labels.clone()
+    return apply_augmentation(images, labels, draws)
 
 
 def apply_augmentation(

@@ -54,21 +54,35 @@ def _set_rng_state(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> No
     random.setstate((version, tuple(state), gauss))
 
 
-def save_checkpoint(
-    out_dir: Path, net: torch.nn.Module, optimizer: torch.optim.Optimizer, state: dict[str, Any]
-) -> None:
-    """Atomically write weights + optimizer + RNG tensors with `state` as metadata, then the JSON mirror."""
+def state_tensors(net: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, torch.Tensor]:
+    """`model.*` (real_state_dict) and `optim.<param index>.<name>` tensors, on the CPU."""
     tensors = {f"model.{k}": v.detach().cpu().contiguous() for k, v in real_state_dict(net).items()}
+    for pid, pstate in optimizer.state_dict()["state"].items():
+        for k, v in pstate.items():
+            if torch.is_tensor(v):
+                tensors[f"optim.{pid}.{k}"] = v.detach().cpu().contiguous()
+    return tensors
+
+
+def save_checkpoint(
+    out_dir: Path,
+    net: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    state: dict[str, Any],
+    extra: dict[str, torch.Tensor] | None = None,
+) -> None:
+    """Atomically write weights + optimizer + RNG tensors (+ `extra`, e.g. other ranks' states) with
+    `state` as metadata, then the JSON mirror."""
+    tensors = state_tensors(net, optimizer)
     opt = optimizer.state_dict()
     scalars: dict[str, dict[str, Any]] = {}
     for pid, pstate in opt["state"].items():
         for k, v in pstate.items():
-            if torch.is_tensor(v):
-                tensors[f"optim.{pid}.{k}"] = v.detach().cpu().contiguous()
-            else:
+            if not torch.is_tensor(v):
                 scalars.setdefault(str(pid), {})[k] = v
     rng_tensors, rng_meta = _rng_state()
     tensors.update(rng_tensors)
+    tensors.update(extra or {})
     state = {**state, "optimizer": {"param_groups": opt["param_groups"], "scalars": scalars}, "rng": rng_meta}
     blob = json.dumps(state)
     atomic_write_bytes(out_dir / CKPT_WEIGHTS, safetensors_bytes(tensors, metadata={"checkpoint": blob}))

@@ -45,7 +45,7 @@ from weightzoo.segmenter import (
     resolve_device,
     save_model,
 )
-from weightzoo.train.augment import augment_batch
+from weightzoo.train.augment import augment_batch, augment_rows
 from weightzoo.train.checkpoint import (
     CKPT_FORMAT,
     CKPT_JSON,
@@ -55,6 +55,7 @@ from weightzoo.train.checkpoint import (
     save_checkpoint,
 )
 from weightzoo.train.config import DEFAULT_LR, OPTIMIZERS, RUN_ONLY_KEYS, TrainConfig, load_config_file
+from weightzoo.train.distributed import DataParallel, DistOptions, current_options, shard_cases
 from weightzoo.train.losses import DiceBCELoss, dice_counts, dice_from_counts
 
 __all__ = [
@@ -382,6 +383,7 @@ def train_on_slices(
     stop_after: int | None = None,
     start: StartFrom | None = None,
     route: str = "train",
+    dist: DistOptions | None = None,
 ) -> TrainResult:
     """Train a PlainConvUNet (K sigmoid outputs) on `train`, validating on `val`; write a model folder.
 
@@ -391,6 +393,7 @@ def train_on_slices(
     stop_after: stop (as if killed) once this many steps are done, without finishing — for tests.
     start: fine-tune these weights (cfg.preset and cfg.seed's init are then not used for the net).
     route: the model.json route of the result (e.g. "prune" for a fine-tuned pruned network).
+    dist: data-parallel options under torchrun (weightzoo.train.distributed); rank 0 alone writes.
     If out_dir already holds this finished run, nothing is trained (`skipped=True`).
     """
     out_dir = Path(out_dir)
@@ -402,19 +405,22 @@ def train_on_slices(
             cfg.preset, input_channels=train.images.shape[1], num_classes=len(cfg.tasks), dropout=cfg.dropout
         )
     )
+    dp, device = DataParallel.start(dist, resolve_device(cfg.device))
     ident: dict[str, Any] = {
         "config": cfg.identity(),
         "arch_hash": spec.hash(),
-        "data_hash": slices_hash(train),
+        "data_hash": dp.common_hash(slices_hash(train)),
     }
     if start is not None:
         ident["start"] = start.fingerprint()
+    if dp.identity() is not None:
+        ident["distributed"] = dp.identity()
     identity = json.loads(json.dumps(ident))
-    device = resolve_device(cfg.device)
 
-    # What does out_dir already hold?
-    if force:
+    # What does out_dir already hold? (rank 0 alone changes it; the others read it after that)
+    if force and dp.is_writer:
         _clear_run(out_dir)
+    dp.barrier()
     if (out_dir / MODEL_JSON).exists():
         meta = read_model_json(out_dir)
         done = meta.get("info", {}).get("run")
@@ -444,10 +450,13 @@ def train_on_slices(
             "use another --out, or --force to start this run there from scratch",
             out_dir,
         )
+    dp.barrier()  # every rank has read the checkpoint before rank 0 may clear or replace it
     if ckpt is not None and not resume:
-        _clear_run(out_dir)
+        if dp.is_writer:
+            _clear_run(out_dir)
         ckpt = None
-    out_dir.mkdir(parents=True, exist_ok=True)
+    if dp.is_writer:
+        out_dir.mkdir(parents=True, exist_ok=True)
 
     with determinism(device, cfg.deterministic):
         masks: dict[str, torch.Tensor] = {}
@@ -457,12 +466,14 @@ def train_on_slices(
             net = build_network(spec, seed=cfg.seed).to(device)
         if cfg.channels_last:
             net = net.to(memory_format=torch.channels_last)
+        wrapped = dp.wrap(net)  # before restoring: DDP broadcasts rank 0's weights
         optimizer = make_optimizer(net, cfg)
         start, history, seconds_before, loss_sum, loss_n = 0, [], 0.0, 0.0, 0
         random.seed(cfg.seed)  # the loop draws from neither; seeded (and restored on resume) for hooks
         np.random.seed(cfg.seed)
         if ckpt is not None:
-            restore_checkpoint(net, optimizer, *ckpt)
+            restore_checkpoint(net, optimizer, dp.restore(ckpt[0]), ckpt[1])
+            dp.to_device(device)
             st = ckpt[1]
             start, history, seconds_before = (
                 int(st["step"]),
@@ -479,6 +490,8 @@ def train_on_slices(
             torch.from_numpy(np.flatnonzero(train.labels[:, k].any(axis=(1, 2))))
             for k in range(len(cfg.tasks))
         ]
+        dp.ready(net, start)
+        draw_size, draw_seed, rows = dp.batch_plan(cfg.batch_size, cfg.seed)
         run_info = {
             **(info or {}),
             "run": identity,
@@ -513,23 +526,33 @@ def train_on_slices(
                 for group in optimizer.param_groups:
                     group["lr"] = lr
                 idx = sample_indices(
-                    step_generator(cfg.seed, step, STREAM_DATA),
+                    step_generator(draw_seed, step, STREAM_DATA),
                     len(train),
                     fg_by_task,
-                    cfg.batch_size,
+                    draw_size,
                     cfg.foreground_oversample,
                 )
-                dev_idx = idx.to(device)
-                xb, yb = augment_batch(
-                    x_all[dev_idx],
-                    y_all[dev_idx],
-                    cfg.augment,
-                    step_generator(cfg.seed, step, STREAM_AUGMENT),
-                )
+                aug_gen = step_generator(draw_seed, step, STREAM_AUGMENT)
+                if rows is None:
+                    dev_idx = idx.to(device)
+                    xb, yb = augment_batch(x_all[dev_idx], y_all[dev_idx], cfg.augment, aug_gen)
+                else:  # this rank's rows of the global batch, augmented as one process would
+                    dev_idx = idx[rows].to(device)
+                    xb, yb = augment_rows(
+                        x_all[dev_idx], y_all[dev_idx], cfg.augment, aug_gen, draw_size, rows
+                    )
                 if cfg.channels_last:
                     xb = xb.contiguous(memory_format=torch.channels_last)
-                torch.manual_seed(step_seed(cfg.seed, step, STREAM_TORCH))  # dropout
-                loss = train_step(net, optimizer, loss_fn, xb, yb, amp, cfg.grad_clip)
+                torch.manual_seed(step_seed(dp.seed(cfg.seed), step, STREAM_TORCH))  # dropout
+                loss = train_step(
+                    dp.model(step, net, wrapped),
+                    optimizer,
+                    dp.loss(step, loss_fn),
+                    xb,
+                    yb,
+                    amp,
+                    cfg.grad_clip,
+                )
                 if masks:  # zero gradients keep them at zero already; this guards against any drift
                     with torch.no_grad():
                         for name, p in net.named_parameters():
@@ -538,13 +561,14 @@ def train_on_slices(
                 loss_sum += float(loss)
                 loss_n += 1
                 done = step + 1
+                dp.after_step(done, cfg.steps, lr, net, optimizer)
                 if not math.isfinite(float(loss)) or (
                     (done % cfg.checkpoint_every == 0 or done == cfg.steps) and not weights_finite(net)
                 ):
                     raise diverged(done, float(loss), out_dir)
                 if done % cfg.val_every == 0 or done == cfg.steps:
                     entry: dict[str, Any] = {"step": done, "train_loss": loss_sum / loss_n, "lr": lr}
-                    if val is not None:
+                    if val is not None and dp.is_writer:
                         vloss, vdice = evaluate_slices(
                             net, val, loss_fn, device, amp, channels_last=cfg.channels_last
                         )
@@ -552,9 +576,10 @@ def train_on_slices(
                     entry["seconds"] = round(seconds(), 3)
                     history.append(entry)
                     loss_sum, loss_n = 0.0, 0
-                    atomic_write_json(
-                        out_dir / LOG_JSON, {"config": cfg.to_dict(), "history": history_to_json(history)}
-                    )
+                    if dp.is_writer:
+                        atomic_write_json(
+                            out_dir / LOG_JSON, {"config": cfg.to_dict(), "history": history_to_json(history)}
+                        )
                     dice_s = format_dice(entry.get("val_dice", {}))
                     prog.update(
                         bar,
@@ -562,7 +587,9 @@ def train_on_slices(
                         + (f" · val Dice {dice_s}" if dice_s else ""),
                     )
                 if done % cfg.checkpoint_every == 0 and done < cfg.steps:
-                    save_checkpoint(out_dir, net, optimizer, state(done))
+                    extra = dp.checkpoint_extra(net, optimizer)  # a collective: every rank
+                    if dp.is_writer:
+                        save_checkpoint(out_dir, net, optimizer, state(done), extra)
                 prog.update(bar, completed=done)
                 if stop_after is not None and done >= stop_after and done < cfg.steps:
                     seg = NetSegmenter(
@@ -575,10 +602,16 @@ def train_on_slices(
         total = seconds()
         run_info["resumed_from"] = start
         run_info["final"] = history_to_json(history[-1:])[0] if history else {}
-        save_model(out_dir, net, spec, cfg.tasks, train.preprocessing, total, route=route, info=run_info)
-        atomic_write_json(out_dir / LOG_JSON, {"config": cfg.to_dict(), "history": history_to_json(history)})
-        for name in (CKPT_WEIGHTS, CKPT_JSON):  # the model folder is the result; checkpoints are spent
-            (out_dir / name).unlink(missing_ok=True)
+        if dp.summary() is not None:
+            run_info["distributed"] = dp.summary()
+        if dp.is_writer:
+            save_model(out_dir, net, spec, cfg.tasks, train.preprocessing, total, route=route, info=run_info)
+            atomic_write_json(
+                out_dir / LOG_JSON, {"config": cfg.to_dict(), "history": history_to_json(history)}
+            )
+            for name in (CKPT_WEIGHTS, CKPT_JSON):  # the model folder is the result; checkpoints are spent
+                (out_dir / name).unlink(missing_ok=True)
+        dp.barrier()
     seg = NetSegmenter(net, spec, cfg.tasks, train.preprocessing, out_dir.name, total, device)
     return TrainResult(seg, history, total, out_dir, finished=True, resumed_from=start, info=run_info)
 
@@ -595,10 +628,13 @@ def train_model(
     start: StartFrom | None = None,
     route: str = "train",
     info: dict[str, Any] | None = None,
+    dist: DistOptions | None = None,
 ) -> TrainResult:
     """Train on a RawDataset's train split (by subject) of `sites`, validate on its val split.
 
     The test split is never read. model.json's info records the dataset, sites and split subjects.
+    dist: under torchrun, data-parallel options; with `split` site/subject each rank loads only its
+    own sites' / subjects' training cases (the consortium case), while rank 0 validates on all.
     """
     if not isinstance(ds, RawDataset):
         ds = RawDataset.open(ds)
@@ -613,6 +649,9 @@ def train_model(
             "check the dataset's splits (weightzoo_splits.json)",
             ds.root,
         )
+    dist = dist or current_options()
+    by = ds.site if dist.split == "site" else ds.subject
+    train_cases = shard_cases(train_cases, by, dist)
     train = load_slices(ds, cfg.tasks, prep=prep, cases=train_cases)
     val = load_slices(ds, cfg.tasks, prep=prep, cases=val_cases) if val_cases else None
     info = {
@@ -626,5 +665,17 @@ def train_model(
         "cases": {"train": train_cases, "val": val_cases},
     }
     return train_on_slices(
-        train, val, cfg, out_dir, resume, progress, sites or ds.sites(), info, force, stop_after, start, route
+        train,
+        val,
+        cfg,
+        out_dir,
+        resume,
+        progress,
+        sites or ds.sites(),
+        info,
+        force,
+        stop_after,
+        start,
+        route,
+        dist,
     )

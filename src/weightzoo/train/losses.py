@@ -68,3 +68,41 @@ def dice_from_counts(counts: torch.Tensor) -> list[float]:
     tp, fp, fn = counts.unbind(1)
     denom = 2 * tp + fp + fn
     return [float("nan") if float(d) == 0 else float(2 * t / d) for t, d in zip(tp, denom, strict=True)]
+
+
+class GlobalBatchDiceBCE(nn.Module):
+    """`DiceBCELoss` over the global batch of a synchronous data-parallel step, from this rank's rows.
+
+    Batch Dice sums intersections over the whole batch, so the Dice of N shards is not the mean of
+    their Dice: each rank all-reduces its per-task sums (intersection, truth, prediction) and BCE sum,
+    and treats the other ranks' parts as constants. The returned value is the global loss; its
+    gradient is scaled so that DDP's mean over ranks gives the global loss's gradient exactly:
+    N·∂Dice/∂(own sums) (every rank holds 1/N of the Dice's inputs) + ∂(own BCE mean).
+    Formula as MONAI's DiceLoss(sigmoid, batch=True, include_background=True), mean over tasks.
+    """
+
+    def __init__(self, base: DiceBCELoss, dp: object):
+        super().__init__()
+        self.base, self.dp = base, dp
+
+    def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        if logits.shape != target.shape:
+            raise ValueError(f"logits {tuple(logits.shape)} and target {tuple(target.shape)} differ in shape")
+        n = self.dp.world_size  # type: ignore[attr-defined]
+        smooth_nr, smooth_dr = self.base.dice.smooth_nr, self.base.dice.smooth_dr
+        with torch.autocast(device_type=logits.device.type, enabled=False):
+            logits, target = logits.float(), target.float()
+            prob = torch.sigmoid(logits)
+            dims = [0, *range(2, logits.ndim)]
+            own = torch.stack([(prob * target).sum(dims), target.sum(dims), prob.sum(dims)])  # [3, K]
+            bce_sum = nn.functional.binary_cross_entropy_with_logits(logits, target, reduction="sum")
+            packed = torch.cat([own.detach().reshape(-1), bce_sum.detach().reshape(1)])
+            total = self.dp.all_reduce_sum(packed.clone(), "loss")  # type: ignore[attr-defined]
+            glob = own + (total[:-1].reshape(own.shape) - own).detach()  # others' sums: constants
+            inter, truth, pred = glob
+            dice = (1 - (2 * inter + smooth_nr) / (truth + pred + smooth_dr)).mean()
+            bce_own = bce_sum / logits.numel()
+            bce_global = total[-1] / (logits.numel() * n)
+            dice_term = dice.detach() + n * (dice - dice.detach())
+            bce_term = bce_global + (bce_own - bce_own.detach())
+            return self.base.weight_dice * dice_term + self.base.weight_bce * bce_term
