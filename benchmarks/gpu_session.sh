@@ -8,6 +8,7 @@
 #   bash benchmarks/gpu_session.sh scaling  # issue 11 (<= 10 min): the largest micro zoo that fits,
 #                                           # its generators, then the throughput table on the GPU
 #   bash benchmarks/gpu_session.sh hyper    # issue 18 (<= 10 min): the hypernetwork front at 128 px
+#   bash benchmarks/gpu_session.sh distributed  # issue 15 (<= 5 min): DDP / local SGD with CUDA tensors
 # Python deps missing from the machine's image travel as wheels in .whl/ (see the device README).
 set -u
 W=${WORK:-/tmp/wz_gpu}
@@ -61,5 +62,28 @@ case "${1:-}" in
     timeout 540 python3 benchmarks/hyper_bench.py front --preset small --size 128 --device cuda --steps 600 \
       --seeds 0 --subjects 20 --out "$OUT" --figures "$OUT" 2>&1 | tail -n 40 | tee "$OUT/hyper_front_cuda.txt"
     ;;
-  *) echo "usage: $0 start|poll [SECONDS]|speed|scaling|hyper"; exit 2 ;;
+  distributed)
+    # issue 15 (<= 5 min): the data-parallel path with CUDA tensors. One GPU: nccl wants a GPU per rank,
+    # so 2 ranks sharing it all-reduce through gloo (weightzoo's rule); nccl itself is only shown with
+    # >= 2 GPUs (then: the same commands, --nproc-per-node = the GPU count).
+    nvidia-smi -L
+    python3 -c "import torch.distributed as d; print('nccl', d.is_nccl_available(), 'gloo', d.is_gloo_available())"
+    python3 -c "from weightzoo.data.synth import make_phantom_dataset as m; m('$W/dd', sites=2, subjects_per_site=6, size=64, n_slices=8)"
+    D=$(ls -d "$W"/dd/Dataset*)
+    A="train -d $D -t cord,gm --preset small --steps 200 --batch-size 16 --device cuda --no-progress"
+    ( time python3 -m weightzoo $A --out "$W/plain" ) 2>&1 | tail -n 4 | tee "$OUT/dist_plain.txt"
+    ( time python3 -m torch.distributed.run --standalone --nproc-per-node 2 -m weightzoo $A --out "$W/ddp2" --ddp ) 2>&1 | tail -n 4 | tee "$OUT/dist_ddp2.txt"
+    ( time python3 -m torch.distributed.run --standalone --nproc-per-node 2 -m weightzoo $A --out "$W/lsgd" --local-sgd 16 --slowmo 0.5 ) 2>&1 | tail -n 4 | tee "$OUT/dist_lsgd.txt"
+    python3 - "$W" <<'PY' | tee "$OUT/dist_compare.txt"
+import json, sys
+from safetensors.torch import load_file
+w = sys.argv[1]
+a, b = load_file(f"{w}/plain/model.safetensors"), load_file(f"{w}/ddp2/model.safetensors")
+print("max |plain - ddp2| over weights:", max(float((a[k] - b[k]).abs().max()) for k in a))
+for run in ("ddp2", "lsgd"):
+    info = json.load(open(f"{w}/{run}/model.json"))["info"]
+    print(run, "val Dice", info["final"].get("val_dice"), "comm", info["distributed"]["communication"])
+PY
+    ;;
+  *) echo "usage: $0 start|poll [SECONDS]|speed|scaling|hyper|distributed"; exit 2 ;;
 esac

@@ -37,7 +37,9 @@ def torchrun(n: int, args: list[str], wait: bool = True, cwd: Path | None = None
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={n}"]
     cmd += ["-m", "weightzoo", *args]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
-    proc = subprocess.Popen(cmd, env=env, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(
+        cmd, env=env, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
     if not wait:
         return proc
     out, _ = proc.communicate(timeout=300)
@@ -111,10 +113,22 @@ def _rank_pids(parent: int) -> dict[int, int]:
 
 
 @pytest.mark.skipif(not Path("/proc/self/environ").exists(), reason="finds torchrun's workers through /proc")
-def test_killing_one_rank_and_restarting_ends_at_the_uninterrupted_weights(tiny_phantom_dataset, tmp_path) -> None:
+def test_killing_one_rank_and_restarting_ends_at_the_uninterrupted_weights(
+    tiny_phantom_dataset, tmp_path
+) -> None:
     cfg = tmp_path / "cfg.yaml"
     cfg.write_text("checkpoint_every: 5\nval_every: 40\n")
-    flags = ["--local-sgd", "4", "--warmup-sync", "2", "--slowmo", "0.5", "--average-optimizer", "-c", str(cfg)]
+    flags = [
+        "--local-sgd",
+        "4",
+        "--warmup-sync",
+        "2",
+        "--slowmo",
+        "0.5",
+        "--average-optimizer",
+        "-c",
+        str(cfg),
+    ]
     ds = tiny_phantom_dataset.root
     assert torchrun(2, train_args(ds, tmp_path / "whole", 80, *flags)) == 0
 
@@ -188,9 +202,15 @@ def test_slowmo_matches_the_hand_computed_update_on_two_ranks(tmp_path) -> None:
     script = tmp_path / "slowmo.py"
     script.write_text(SLOWMO_SCRIPT)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", str(script)]
-    res = subprocess.run([*cmd, str(tmp_path)], env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True)
+    res = subprocess.run(
+        [*cmd, str(tmp_path)], env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True
+    )
     assert res.returncode == 0, res.stderr.decode()[-3000:]
-    w0, d1, d2 = torch.tensor([[1.0, 2.0, 3.0]]), torch.tensor([[0.1, -0.2, 0.3]]), torch.tensor([[-0.4, 0.5, 0.6]])
+    w0, d1, d2 = (
+        torch.tensor([[1.0, 2.0, 3.0]]),
+        torch.tensor([[0.1, -0.2, 0.3]]),
+        torch.tensor([[-0.4, 0.5, 0.6]]),
+    )
     # u ← β·u + (x₀ − mean x)/γ ; x ← x₀ − α·γ·u, with β = 0.5, α = 0.8
     u1 = (w0 - (w0 + 1.5 * d1)) / 0.1
     x1 = w0 - 0.8 * 0.1 * u1  # = w0 + 1.2·d1
@@ -241,10 +261,24 @@ def test_heads_backbone_two_ranks_match_one_process(tiny_phantom_dataset, tmp_pa
 
 
 def test_delta_generator_trains_with_ddp(finetune_zoo, tmp_path) -> None:
-    args = ["generate", "train", "--kind", "delta", "--zoo", str(finetune_zoo), "--steps", "20", "--batch-size", "8"]
+    args = [
+        "generate",
+        "train",
+        "--kind",
+        "delta",
+        "--zoo",
+        str(finetune_zoo),
+        "--steps",
+        "20",
+        "--batch-size",
+        "8",
+    ]
     assert torchrun(2, [*args, "--out", str(tmp_path / "g"), "--device", "cpu", "--ddp"]) == 0
     meta = json.loads((tmp_path / "g" / "generator.json").read_text())
-    assert meta["distributed"]["world_size"] == 2 and meta["distributed"]["communication"]["calls"]["gradients"] >= 20
+    assert (
+        meta["distributed"]["world_size"] == 2
+        and meta["distributed"]["communication"]["calls"]["gradients"] >= 20
+    )
 
 
 # ---- errors: one line, exit 2 ---------------------------------------------------------------------
@@ -284,3 +318,30 @@ def test_modelled_time_is_the_ring_all_reduce_formula() -> None:
     # 4 ranks: 2·3/4 of 1 GB at 10 Gbit/s = 1.2 s, plus 10 calls · 6 rounds · 50 µs
     assert c.modelled_seconds(4, 10.0) == pytest.approx(1.2 + 10 * 6 * 50e-6)
     assert c.modelled_seconds(1, 10.0) == 0.0
+
+
+def test_hypernetwork_and_incontext_routes_train_with_ddp(tiny_phantom_dataset, tmp_path) -> None:
+    hyper = ["hyper", "train", "-d", str(tiny_phantom_dataset.root), "-t", "cord", "--preset", "tiny"]
+    hyper += ["--steps", "4", "--size", "32", "--batch-size", "4", "--device", "cpu", "--no-progress"]
+    assert torchrun(2, [*hyper, "--out", str(tmp_path / "h"), "--ddp"]) == 0
+    meta = json.loads((tmp_path / "h" / "hyper.json").read_text())
+    assert meta["info"]["distributed"]["communication"]["calls"]["gradients"] >= 4
+    ic = ["incontext", "train", "--tasks", "synth", "--preset", "tiny", "--steps", "4", "--device", "cpu"]
+    assert torchrun(2, [*ic, "--out", str(tmp_path / "ic"), "--ddp"]) == 0
+    meta = json.loads((tmp_path / "ic" / "config.json").read_text())
+    assert meta["distributed"]["world_size"] == 2 and meta["finished"]
+
+
+def test_a_ddp_job_runs_on_ray_actors(tiny_phantom_dataset, plain_run, tmp_path) -> None:
+    pytest.importorskip("ray", reason="ray is not installed (pip install 'weightzoo[ray]')")
+    import ray
+
+    from weightzoo.train.ray_launch import run_on_ray
+
+    out = tmp_path / "ray2"
+    try:
+        codes = run_on_ray(train_args(tiny_phantom_dataset.root, out, 8, "--ddp"), workers=2)
+    finally:
+        ray.shutdown()
+    assert codes == [0, 0]
+    assert max_diff(weights(plain_run), weights(out)) < 1e-5  # the same job as under torchrun

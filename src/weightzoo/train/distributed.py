@@ -222,8 +222,11 @@ def _init_group(ctx: DistContext, device: torch.device) -> None:
 
     if dist.is_initialized():
         return
-    backend = "nccl" if device.type == "cuda" else "gloo"
-    dist.init_process_group(backend)
+    # nccl needs a GPU of its own per rank; ranks that share a GPU (or run on the CPU) use gloo, which
+    # all-reduces CUDA tensors too, more slowly
+    per_node = int(os.environ.get("LOCAL_WORLD_SIZE", ctx.world_size))  # torchrun sets it
+    own_gpu = device.type == "cuda" and torch.cuda.device_count() >= per_node
+    dist.init_process_group("nccl" if own_gpu else "gloo")
     atexit.register(lambda: dist.is_initialized() and dist.destroy_process_group())
 
 
