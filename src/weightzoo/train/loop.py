@@ -18,13 +18,11 @@ Files in `out_dir`:
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import math
 import random
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -56,7 +54,25 @@ from weightzoo.train.checkpoint import (
 )
 from weightzoo.train.config import DEFAULT_LR, OPTIMIZERS, RUN_ONLY_KEYS, TrainConfig, load_config_file
 from weightzoo.train.distributed import DataParallel, DistOptions, current_options, shard_cases
-from weightzoo.train.losses import DiceBCELoss, dice_counts, dice_from_counts
+from weightzoo.train.losses import DiceBCELoss
+from weightzoo.train.steps import (
+    autocast_dtype,
+    determinism,
+    diverged,
+    evaluate_slices,
+    format_dice,
+    history_from_json,
+    history_to_json,
+    make_optimizer,
+    poly_lr,
+    progress_bar,
+    sample_indices,
+    slices_hash,
+    step_generator,
+    step_seed,
+    train_step,
+    weights_finite,
+)
 
 __all__ = [
     "CKPT_JSON",
@@ -68,9 +84,25 @@ __all__ = [
     "StartFrom",
     "TrainConfig",
     "TrainResult",
+    "autocast_dtype",
+    "determinism",
+    "diverged",
+    "evaluate_slices",
+    "format_dice",
+    "history_from_json",
+    "history_to_json",
     "load_config_file",
+    "make_optimizer",
+    "poly_lr",
+    "progress_bar",
+    "sample_indices",
+    "slices_hash",
+    "step_generator",
+    "step_seed",
     "train_model",
     "train_on_slices",
+    "train_step",
+    "weights_finite",
 ]
 
 LOG_JSON = "log.json"
@@ -123,156 +155,6 @@ class TrainResult:
     info: dict[str, Any] = field(default_factory=dict)
 
 
-# ---- small pieces shared with the throughput benchmark -----------------------------------------------
-def step_seed(seed: int, step: int, stream: int) -> int:
-    """A 64-bit seed from (seed, step, stream) alone: what makes resuming exact."""
-    return int(np.random.SeedSequence([seed, step, stream]).generate_state(1, np.uint64)[0])
-
-
-def step_generator(seed: int, step: int, stream: int) -> torch.Generator:
-    """A CPU generator seeded by `step_seed`."""
-    return torch.Generator().manual_seed(step_seed(seed, step, stream))
-
-
-def poly_lr(lr: float, step: int, steps: int, exponent: float = 0.9) -> float:
-    """nnU-Net's poly schedule, per iteration."""
-    return lr * (1 - step / steps) ** exponent
-
-
-def make_optimizer(net: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
-    if cfg.optimizer == "sgd":
-        return torch.optim.SGD(
-            net.parameters(), cfg.learning_rate, momentum=0.99, nesterov=True, weight_decay=cfg.weight_decay
-        )
-    return torch.optim.Adam(net.parameters(), cfg.learning_rate, weight_decay=cfg.weight_decay)
-
-
-def autocast_dtype(cfg: TrainConfig, device: torch.device) -> torch.dtype | None:
-    return torch.bfloat16 if cfg.amp and device.type == "cuda" else None
-
-
-def train_step(
-    net: torch.nn.Module,
-    optimizer: torch.optim.Optimizer,
-    loss_fn: DiceBCELoss,
-    x: torch.Tensor,
-    y: torch.Tensor,
-    amp_dtype: torch.dtype | None = None,
-    grad_clip: float = 12.0,
-) -> torch.Tensor:
-    """One forward + backward + optimizer step on x [B, C, H, W], y [B, K, H, W]; returns the loss."""
-    optimizer.zero_grad(set_to_none=True)
-    with torch.autocast(
-        device_type=x.device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None
-    ):
-        logits = net(x)
-    loss = loss_fn(logits, y)  # fp32
-    loss.backward()
-    if grad_clip > 0:
-        torch.nn.utils.clip_grad_norm_(net.parameters(), grad_clip)
-    optimizer.step()
-    return loss.detach()
-
-
-def sample_indices(
-    generator: torch.Generator, n: int, fg_by_task: list[torch.Tensor], batch_size: int, oversample: float
-) -> torch.Tensor:
-    """Batch indices into n slices: the last round(B·oversample) (as nnU-Net) from slices with
-    foreground of a uniformly chosen task (among tasks with any), the rest uniform; with replacement."""
-    n_fg = batch_size - round(batch_size * (1 - oversample))
-    pools = [p for p in fg_by_task if len(p)]
-    rand = torch.randint(n, (batch_size,), generator=generator)
-    pick_task = torch.randint(max(len(pools), 1), (n_fg,), generator=generator)
-    u = torch.rand(n_fg, generator=generator)
-    if not pools or n_fg == 0:
-        return rand
-    fg = torch.stack(
-        [pools[int(t)][int(float(v) * len(pools[int(t)]))] for t, v in zip(pick_task, u, strict=True)]
-    )
-    return torch.cat([rand[: batch_size - n_fg], fg])
-
-
-def format_dice(dice: dict[str, float | None]) -> str:
-    """'cord 0.951, gm n/a' for a history entry's val_dice (NaN/None: no foreground in val)."""
-    return ", ".join(f"{t} {'n/a' if d is None or math.isnan(d) else f'{d:.3f}'}" for t, d in dice.items())
-
-
-def history_to_json(history: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """History entries with an undefined (NaN) val Dice written as null: strict JSON."""
-    return [
-        {**e, "val_dice": {t: None if math.isnan(d) else d for t, d in e["val_dice"].items()}}
-        if "val_dice" in e
-        else dict(e)
-        for e in history
-    ]
-
-
-def history_from_json(history: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Inverse of `history_to_json`: null val Dice back to NaN (as weightzoo.evaluate reports it)."""
-    return [
-        {**e, "val_dice": {t: math.nan if d is None else d for t, d in e["val_dice"].items()}}
-        if "val_dice" in e
-        else dict(e)
-        for e in history
-    ]
-
-
-def slices_hash(s: SliceSet) -> str:
-    """Fingerprint of training data (images, labels, tasks): a checkpoint never resumes on other data."""
-    h = hashlib.sha256()
-    h.update(json.dumps([s.tasks, list(s.images.shape), list(s.labels.shape)]).encode())
-    h.update(np.ascontiguousarray(s.images, dtype=np.float32).tobytes())
-    h.update(np.ascontiguousarray(s.labels, dtype=np.uint8).tobytes())
-    return h.hexdigest()[:16]
-
-
-@torch.no_grad()
-def evaluate_slices(
-    net: torch.nn.Module,
-    val: SliceSet,
-    loss_fn: DiceBCELoss,
-    device: torch.device,
-    amp_dtype: torch.dtype | None = None,
-    batch_size: int = 64,
-    channels_last: bool = False,
-) -> tuple[float, list[float]]:
-    """Mean loss and Dice per task (counts summed over all slices, as nnU-Net's pseudo Dice)."""
-    was_training = net.training
-    net.eval()
-    total, n, counts = 0.0, 0, None
-    for i in range(0, len(val), batch_size):
-        x = torch.from_numpy(val.images[i : i + batch_size]).to(device)
-        y = torch.from_numpy(val.labels[i : i + batch_size]).to(device)
-        if channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
-        with torch.autocast(
-            device_type=device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None
-        ):
-            logits = net(x)
-        total += float(loss_fn(logits, y)) * len(x)
-        n += len(x)
-        c = dice_counts(logits, y)
-        counts = c if counts is None else counts + c
-    net.train(was_training)
-    assert counts is not None
-    return total / max(n, 1), dice_from_counts(counts)
-
-
-def weights_finite(net: torch.nn.Module) -> bool:
-    return all(bool(torch.isfinite(p).all()) for p in net.parameters())
-
-
-def diverged(step: int, loss: float, out_dir: Path) -> ModelError:
-    """Training produced NaN/inf: stop without writing a model or a checkpoint of the broken weights
-    (the last good checkpoint, if any, stays in out_dir)."""
-    what = f"loss {loss}" if not math.isfinite(loss) else "weights with NaN/inf"
-    return ModelError(
-        f"training diverged at step {step} ({what}); no model was written",
-        "lower --lr (or check the images for extreme values), then train again with --force",
-        out_dir,
-    )
-
-
 def _differences(a: dict[str, Any], b: dict[str, Any]) -> str:
     ca, cb = a.get("config", {}), b.get("config", {})
     diffs = [
@@ -280,6 +162,8 @@ def _differences(a: dict[str, Any], b: dict[str, Any]) -> str:
     ]
     if a.get("data_hash") != b.get("data_hash"):
         diffs.append("other training data")
+    if a.get("distributed") != b.get("distributed"):
+        diffs.append("another torchrun set-up (number of processes or --ddp/--local-sgd options)")
     if a.get("arch_hash") != b.get("arch_hash") and not diffs:
         diffs.append("other architecture")
     return "; ".join(diffs[:4]) or "unknown difference"
@@ -288,53 +172,6 @@ def _differences(a: dict[str, Any], b: dict[str, Any]) -> str:
 def _clear_run(out_dir: Path) -> None:
     for name in (CKPT_WEIGHTS, CKPT_JSON, LOG_JSON, MODEL_JSON, MODEL_WEIGHTS):
         (out_dir / name).unlink(missing_ok=True)
-
-
-@contextlib.contextmanager
-def determinism(device: torch.device, enabled: bool) -> Iterator[None]:
-    """Deterministic kernels for the run only; the process's settings are restored afterwards.
-
-    CPU: torch.use_deterministic_algorithms (free there). CUDA: deterministic cuDNN convolutions;
-    the global switch is left off, as on CUDA it needs CUBLAS_WORKSPACE_CONFIG set before start-up.
-    """
-    old = torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark
-    old_algos, old_warn = (
-        torch.are_deterministic_algorithms_enabled(),
-        torch.is_deterministic_algorithms_warn_only_enabled(),
-    )
-    if enabled and device.type == "cuda":
-        torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
-    elif enabled:
-        torch.use_deterministic_algorithms(True)
-    try:
-        yield
-    finally:
-        torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = old
-        torch.use_deterministic_algorithms(old_algos, warn_only=old_warn)
-
-
-def progress_bar(label: str, enabled: bool, total: int, start: int = 0) -> Any:
-    """A rich progress bar (label, bar, n/total, times, a free `status` field) and its task id."""
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        TextColumn,
-        TimeElapsedColumn,
-        TimeRemainingColumn,
-    )
-
-    prog = Progress(
-        TextColumn(label),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        TimeRemainingColumn(),
-        TextColumn("{task.fields[status]}"),
-        disable=not enabled,
-        transient=False,
-    )
-    return prog, prog.add_task(label, total=total, completed=start, status="")
 
 
 # ---- the run ---------------------------------------------------------------------------------------
@@ -519,7 +356,7 @@ def train_on_slices(
                 "generators": "batch indices, augmentation and dropout are re-seeded from (seed, step)",
             }
 
-        prog, bar = progress_bar("[bold]train[/]", progress, cfg.steps, start)
+        prog, bar = progress_bar("[bold]train[/]", progress and dp.is_writer, cfg.steps, start)
         with prog:
             for step in range(start, cfg.steps):
                 lr = poly_lr(cfg.learning_rate, step, cfg.steps)
