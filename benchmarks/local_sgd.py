@@ -48,12 +48,21 @@ from weightzoo.segmenter import load_model
 TASKS = ["cord", "gm"]
 
 
-def configs(periods: list[int], slowmo: float) -> list[tuple[str, list[str]]]:
+def configs(
+    periods: list[int], slowmo: float, avg_opt: list[int] | None = None
+) -> list[tuple[str, list[str]]]:
+    """(name, flags) of every run per seed and mode; `avg_opt` periods also get both with
+    --average-optimizer (Adam's moments averaged at each average, as SlowMo's paper allows)."""
     rows: list[tuple[str, list[str]]] = [("sync", ["--ddp"])]
     for h in periods:
         rows.append((f"H={h}", ["--local-sgd", str(h)]))
         if h > 1:
             rows.append((f"H={h}+SlowMo", ["--local-sgd", str(h), "--slowmo", str(slowmo)]))
+    for h in avg_opt or []:
+        rows.append((f"H={h}+avg-opt", ["--local-sgd", str(h), "--average-optimizer"]))
+        rows.append(
+            (f"H={h}+SlowMo+avg-opt", ["--local-sgd", str(h), "--slowmo", str(slowmo), "--average-optimizer"])
+        )
     return rows
 
 
@@ -109,6 +118,9 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=400)
     ap.add_argument("--slowmo", type=float, default=0.5)
     ap.add_argument("--modes", default="iid,site")
+    ap.add_argument(
+        "--avg-opt", default="", help="periods that also run with --average-optimizer, e.g. 16,64"
+    )
     ap.add_argument("--subjects", type=int, default=15, help="phantom subjects per site (20 %% are test)")
     ap.add_argument("--out", type=Path, default=Path("runs/bench_lsgd"))
     ap.add_argument("--quick", action="store_true")
@@ -116,6 +128,7 @@ def main() -> None:
     if a.quick:
         a.workers, a.periods, a.seeds, a.steps, a.subjects = 2, "1,4", "0", 60, 6
     periods = [int(p) for p in a.periods.split(",")]
+    avg_opt = [int(p) for p in a.avg_opt.split(",") if p]
     seeds = [int(s) for s in a.seeds.split(",")]
     a.out.mkdir(parents=True, exist_ok=True)
     data_dir = a.out / "data"
@@ -134,7 +147,7 @@ def main() -> None:
     for mode in a.modes.split(","):
         split = "batch" if mode == "iid" else "site"
         for seed in seeds:
-            for name, flags in configs(periods, a.slowmo):
+            for name, flags in configs(periods, a.slowmo, avg_opt):
                 out = a.out / f"{mode}_{name.replace('+', '_')}_s{seed}"
                 wall = run_one(ds, out, a.workers, a.steps, seed, flags, split)
                 info = json.loads((out / "model.json").read_text())["info"]
@@ -163,6 +176,7 @@ def main() -> None:
         "seeds": seeds,
         "test_subjects": n_test,
         "slowmo": a.slowmo,
+        "avg_opt": avg_opt,
     }
     (a.out / "results.json").write_text(json.dumps({"meta": meta, "runs": results}, indent=1))
     md = markdown(results, meta, periods)
@@ -181,7 +195,7 @@ def _by(results: list[dict[str, Any]], mode: str, config: str) -> list[dict[str,
 
 def markdown(results: list[dict[str, Any]], meta: dict[str, Any], periods: list[int]) -> str:
     modes = sorted({r["mode"] for r in results}, key=["iid", "site"].index)
-    names = [n for n, _ in configs(periods, meta["slowmo"])]
+    names = [n for n, _ in configs(periods, meta["slowmo"], meta.get("avg_opt"))]
     lines = [
         f"{meta['workers']} gloo workers, {meta['steps']} steps, seeds {meta['seeds']}, "
         f"{meta['test_subjects']} test subjects; {meta['device']}; {meta['date']}.",
@@ -210,19 +224,24 @@ def markdown(results: list[dict[str, Any]], meta: dict[str, Any], periods: list[
         "",
     ]
     lines += ["| H | " + " | ".join(modes) + " |", "|---" * (1 + len(modes)) + "|"]
-    for h in [p for p in periods if p > 1]:
+    pairs = [(f"{h}", f"H={h}", f"H={h}+SlowMo") for h in periods if h > 1]
+    pairs += [
+        (f"{h}, both with avg-opt", f"H={h}+avg-opt", f"H={h}+SlowMo+avg-opt")
+        for h in meta.get("avg_opt") or []
+    ]
+    for label, local_name, slow_name in pairs:
         cells = []
         for m in modes:
             sync = np.mean([_mean_dice(r) for r in _by(results, m, "sync")])
-            loc = np.mean([_mean_dice(r) for r in _by(results, m, f"H={h}")])
-            slow = np.mean([_mean_dice(r) for r in _by(results, m, f"H={h}+SlowMo")])
+            loc = np.mean([_mean_dice(r) for r in _by(results, m, local_name)])
+            slow = np.mean([_mean_dice(r) for r in _by(results, m, slow_name)])
             gap = sync - loc
             cells.append(
                 f"{100 * (slow - loc) / gap:.0f} % (gap {100 * gap:.1f} pt)"
                 if gap > 0
                 else f"no gap ({100 * gap:.1f} pt)"
             )
-        lines.append(f"| {h} | " + " | ".join(cells) + " |")
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -237,11 +256,18 @@ def figure(results: list[dict[str, Any]], periods: list[int], out: Path, meta: d
     modes = sorted({r["mode"] for r in results}, key=["iid", "site"].index)
     fig, axes = plt.subplots(1, len(modes), figsize=(5 * len(modes), 3.6), squeeze=False, sharey=True)
     for ax, m in zip(axes[0], modes, strict=True):
+        avg = meta.get("avg_opt") or []
         for label, fmt, names in (
             ("local SGD", "o-", [f"H={h}" for h in periods]),
             ("SlowMo β=0.5", "s-", [f"H={h}+SlowMo" for h in periods if h > 1]),
+            ("local SGD + avg-opt", "^--", [f"H={h}+avg-opt" for h in avg]),
+            ("SlowMo + avg-opt", "v--", [f"H={h}+SlowMo+avg-opt" for h in avg]),
         ):
+            if not names:
+                continue
             hs = [int(n.split("=")[1].split("+")[0]) for n in names]
+            if not all(_by(results, m, n) for n in names):
+                continue
             vals = [[_mean_dice(r) for r in _by(results, m, n)] for n in names]
             ax.errorbar(
                 hs, [np.mean(v) for v in vals], [np.std(v) for v in vals], fmt=fmt, capsize=3, label=label
