@@ -49,16 +49,15 @@ _DIST_PARAMS: dict[str, tuple[type, Any]] = {
 
 
 def distributed_options(local_sgd: bool = True) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
-    """Add the data-parallel options to a typer command. It receives them as `dist: DistOptions`, and
-    runs inside `launch_options(dist)`, so every training loop it starts picks them up.
+    """Add the data-parallel options to a typer command, which then runs inside
+    `launch_options(DistOptions(...))`: every training loop it starts picks them up.
 
     local_sgd=False: --ddp alone (routes whose loop averages gradients only)."""
     names = list(_DIST_PARAMS) if local_sgd else ["ddp"]
 
     def decorate(fn: Callable[..., Any]) -> Callable[..., Any]:
         sig = inspect.signature(fn, eval_str=True)  # typer needs real types, not postponed strings
-        params = [p for p in sig.parameters.values() if p.name != "dist"]
-        wants_dist = "dist" in sig.parameters
+        params = list(sig.parameters.values())
         extra = [
             inspect.Parameter(
                 n, inspect.Parameter.KEYWORD_ONLY, default=_DIST_PARAMS[n][1], annotation=_DIST_PARAMS[n][0]
@@ -70,9 +69,8 @@ def distributed_options(local_sgd: bool = True) -> Callable[[Callable[..., Any]]
         def command(**kwargs: Any) -> Any:
             from weightzoo.train.distributed import DistOptions, launch_options
 
-            dist = DistOptions(**{n: kwargs.pop(n) for n in names})
-            with launch_options(dist):
-                return fn(**kwargs, dist=dist) if wants_dist else fn(**kwargs)
+            with launch_options(DistOptions(**{n: kwargs.pop(n) for n in names})):
+                return fn(**kwargs)
 
         command.__signature__ = sig.replace(parameters=params + extra)  # type: ignore[attr-defined]
         command.__annotations__ = {}

@@ -9,7 +9,6 @@ import typer
 from rich.console import Console
 
 from weightzoo.cli.options import distributed_options
-from weightzoo.train.distributed import DistOptions
 
 console = Console(highlight=False)
 
@@ -57,7 +56,6 @@ def register(app: typer.Typer) -> None:
         ),
         force: bool = typer.Option(False, "--force", help="Overwrite whatever the --out folder holds."),
         progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar."),
-        dist: DistOptions | None = None,
     ) -> None:
         """Train a U-Net (nnU-Net's 2-D recipe) for one or more binary tasks; writes a model folder.
 
@@ -97,9 +95,7 @@ def register(app: typer.Typer) -> None:
             f"{cfg.optimizer} · seed {cfg.seed} → {out_dir}"
         )
         sites = list(site) if site else None
-        result = train_model(
-            ds, cfg, out_dir, sites=sites, resume=resume, force=force, progress=progress, dist=dist
-        )
+        result = train_model(ds, cfg, out_dir, sites=sites, resume=resume, force=force, progress=progress)
         final = result.history[-1] if result.history else {}
         dice = format_dice(final.get("val_dice", {})) or "no validation split"
         if result.skipped:

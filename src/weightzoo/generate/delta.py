@@ -413,8 +413,7 @@ def train_delta_generator(
     val_data = as_data(val_runs, *load_deltas(zoo, val_runs, layout)) if val_runs else None
 
     dp, device = DataParallel.start(None, resolve_device(cfg.device), "delta generator", local_sgd=False)
-    if dp.identity() is not None:
-        identity = {**identity, "distributed": dp.identity()}
+    identity = {**identity, **dp.identity()}
     torch.manual_seed(cfg.seed)
     model = DeltaDenoiser(layout.numel, len(base.tasks), len(mu), cfg.hidden, cfg.depth)
     ema = EMA(model, cfg.ema)
@@ -505,7 +504,7 @@ def train_delta_generator(
         "val_runs": [r.run_id for r in val_runs],
         "history": history,
         "seconds": seconds(),
-        **({"distributed": dp.summary()} if dp.summary() is not None else {}),
+        **dp.summary(),
     }
     if dp.is_writer:  # under torchrun, rank 0 alone writes
         save_state(out / GEN_WEIGHTS, weights, {"format": GEN_FORMAT, "kind": KIND})

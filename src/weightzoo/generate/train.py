@@ -629,8 +629,7 @@ def train_generator(
     }
 
     dp, device = DataParallel.start(None, resolve_device(cfg.device), "generator", local_sgd=False)
-    if dp.identity() is not None:
-        identity = {**identity, "distributed": dp.identity()}
+    identity = {**identity, **dp.identity()}
     torch.manual_seed(cfg.seed)
     model = ParamDiffusion(layout.layout, len(tasks), len(sites), mcfg).to(device)
     wrapped = dp.wrap(model, static_graph=False)  # before restoring: DDP broadcasts rank 0's weights
@@ -760,7 +759,7 @@ def train_generator(
         "seconds": total,
         "device": str(device),
         "precision": "bf16 autocast" if amp else "fp32",
-        **({"distributed": dp.summary()} if dp.summary() is not None else {}),
+        **dp.summary(),
         "n_params": sum(p.numel() for p in model.parameters()),
         "finished": True,
     }

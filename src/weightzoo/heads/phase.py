@@ -229,8 +229,7 @@ def run_phase(
     optimizer = make_optimizer(model, cfg)
     loss_fn, amp = DiceBCELoss(), autocast_dtype(cfg, device)
     seed = _phase_seed(cfg.seed, phase)
-    dist_identity = {"distributed": dp.identity()} if dp.identity() is not None else {}
-    identity = json.loads(json.dumps({"phase": phase, **(identity or {}), **dist_identity}))
+    identity = json.loads(json.dumps({"phase": phase, **(identity or {}), **dp.identity()}))
     start, history, before, loss_sum, loss_n = 0, [], 0.0, 0.0, 0
     ckpt = read_checkpoint(run_dir) if run_dir is not None else None
     dp.barrier()  # every rank has read the checkpoint before rank 0 may replace it
@@ -313,8 +312,7 @@ def run_phase(
             if stop_after is not None and done - start >= stop_after and done < cfg.steps:
                 return PhaseResult(history, seconds(), False, start, done - start)
     model.eval()
-    info = {"distributed": dp.summary()} if dp.summary() is not None else {}
-    return PhaseResult(history, seconds(), True, start, cfg.steps - start, info)
+    return PhaseResult(history, seconds(), True, start, cfg.steps - start, dp.summary())
 
 
 def _validate(

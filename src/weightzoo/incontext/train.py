@@ -320,7 +320,7 @@ def train_incontext(
         "command": command,
         "final": history[-1] if history else {},
         "finished": True,
-        **({"distributed": dp.summary()} if dp.summary() is not None else {}),
+        **dp.summary(),
     }
     if dp.is_writer:  # under torchrun, rank 0 alone writes
         save_file(

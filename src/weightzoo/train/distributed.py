@@ -272,11 +272,11 @@ class DataParallel:
     def is_writer(self) -> bool:
         return self.rank == 0
 
-    def identity(self) -> dict[str, Any] | None:
-        """What a checkpoint's run identity records (None for a plain run: identities stay as before)."""
+    def identity(self) -> dict[str, Any]:
+        """`{"distributed": set-up}` for a run identity; {} for a plain run, whose identity stays as before."""
         if not self.options.requested:
-            return None
-        return {"world_size": self.world_size, **self.options.to_dict()}
+            return {}
+        return {"distributed": {"world_size": self.world_size, **self.options.to_dict()}}
 
     def seed(self, seed: int) -> int:
         """This rank's seed for streams that differ per rank (rank 0: the run's seed itself)."""
@@ -499,12 +499,13 @@ class DataParallel:
 
             dist.barrier()
 
-    def summary(self) -> dict[str, Any] | None:
-        """For model.json's info: the options, world size and this rank's counted communication."""
+    def summary(self) -> dict[str, Any]:
+        """`{"distributed": set-up + this rank's counted communication}` for a result's info; {} for a plain run."""
         if not self.options.requested:
-            return None
+            return {}
         return {
-            "world_size": self.world_size,
-            **self.options.to_dict(),
-            "communication": self.comm.summary(self.world_size),
+            "distributed": {
+                **self.identity()["distributed"],
+                "communication": self.comm.summary(self.world_size),
+            }
         }

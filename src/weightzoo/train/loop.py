@@ -250,8 +250,7 @@ def train_on_slices(
     }
     if start is not None:
         ident["start"] = start.fingerprint()
-    if dp.identity() is not None:
-        ident["distributed"] = dp.identity()
+    ident.update(dp.identity())
     identity = json.loads(json.dumps(ident))
 
     # What does out_dir already hold? (rank 0 alone changes it; the others read it after that)
@@ -439,8 +438,7 @@ def train_on_slices(
         total = seconds()
         run_info["resumed_from"] = start
         run_info["final"] = history_to_json(history[-1:])[0] if history else {}
-        if dp.summary() is not None:
-            run_info["distributed"] = dp.summary()
+        run_info.update(dp.summary())
         if dp.is_writer:
             save_model(out_dir, net, spec, cfg.tasks, train.preprocessing, total, route=route, info=run_info)
             atomic_write_json(

@@ -9,8 +9,13 @@ cross-entropy, which is wrong for independent (possibly overlapping) binary task
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 from torch import nn
+
+if TYPE_CHECKING:  # distributed imports this module lazily: no cycle at run time
+    from weightzoo.train.distributed import DataParallel
 
 
 class DiceBCELoss(nn.Module):
@@ -81,14 +86,14 @@ class GlobalBatchDiceBCE(nn.Module):
     Formula as MONAI's DiceLoss(sigmoid, batch=True, include_background=True), mean over tasks.
     """
 
-    def __init__(self, base: DiceBCELoss, dp: object):
+    def __init__(self, base: DiceBCELoss, dp: DataParallel):
         super().__init__()
         self.base, self.dp = base, dp
 
     def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         if logits.shape != target.shape:
             raise ValueError(f"logits {tuple(logits.shape)} and target {tuple(target.shape)} differ in shape")
-        n = self.dp.world_size  # type: ignore[attr-defined]
+        n = self.dp.world_size
         smooth_nr, smooth_dr = self.base.dice.smooth_nr, self.base.dice.smooth_dr
         with torch.autocast(device_type=logits.device.type, enabled=False):
             logits, target = logits.float(), target.float()
@@ -97,7 +102,7 @@ class GlobalBatchDiceBCE(nn.Module):
             own = torch.stack([(prob * target).sum(dims), target.sum(dims), prob.sum(dims)])  # [3, K]
             bce_sum = nn.functional.binary_cross_entropy_with_logits(logits, target, reduction="sum")
             packed = torch.cat([own.detach().reshape(-1), bce_sum.detach().reshape(1)])
-            total = self.dp.all_reduce_sum(packed.clone(), "loss")  # type: ignore[attr-defined]
+            total = self.dp.all_reduce_sum(packed.clone(), "loss")
             glob = own + (total[:-1].reshape(own.shape) - own).detach()  # others' sums: constants
             inter, truth, pred = glob
             dice = (1 - (2 * inter + smooth_nr) / (truth + pred + smooth_dr)).mean()
