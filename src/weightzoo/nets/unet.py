@@ -15,6 +15,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -48,24 +49,62 @@ ALLOWED_OPS: dict[str, type[nn.Module]] = {
 OP_KEYS = ("conv_op", "norm_op", "dropout_op", "nonlin")
 
 
-def _unet_kwargs(features: list[int], n_conv: int, dropout: float, conv_bias: bool = True) -> dict[str, Any]:
+def _unet_kwargs(
+    features: list[int],
+    n_conv: int,
+    dropout: float,
+    conv_bias: bool = True,
+    kernels: list[list[int]] | None = None,
+    strides: list[list[int]] | None = None,
+) -> dict[str, Any]:
+    """PlainConvUNet arch_kwargs; 2-D 3x3 kernels and stride-2 stages unless `kernels`/`strides`
+    (one [k per axis] per stage) are given, whose length per stage sets the dimension (3 -> Conv3d)."""
     n = len(features)
+    dims = len(kernels[0]) if kernels else 2
+    op = f"{dims}d"
     return {
         "n_stages": n,
         "features_per_stage": features,
-        "conv_op": "torch.nn.modules.conv.Conv2d",
-        "kernel_sizes": [[3, 3]] * n,
-        "strides": [[1, 1]] + [[2, 2]] * (n - 1),
+        "conv_op": f"torch.nn.modules.conv.Conv{op}",
+        "kernel_sizes": kernels if kernels else [[3, 3]] * n,
+        "strides": strides if strides else [[1, 1]] + [[2, 2]] * (n - 1),
         "n_conv_per_stage": [n_conv] * n,
         "n_conv_per_stage_decoder": [n_conv] * (n - 1),
         "conv_bias": conv_bias,
-        "norm_op": "torch.nn.modules.instancenorm.InstanceNorm2d",
+        "norm_op": f"torch.nn.modules.instancenorm.InstanceNorm{op}",
         "norm_op_kwargs": {"eps": 1e-05, "affine": True},
-        "dropout_op": "torch.nn.modules.dropout.Dropout2d" if dropout > 0 else None,
+        "dropout_op": f"torch.nn.modules.dropout.Dropout{op}" if dropout > 0 else None,
         "dropout_op_kwargs": {"p": dropout, "inplace": False} if dropout > 0 else None,
         "nonlin": "torch.nn.LeakyReLU",
         "nonlin_kwargs": {"inplace": True},
     }
+
+
+def plan_3d_stages(
+    n_stages: int, patch: Sequence[int], spacing: Sequence[float]
+) -> tuple[list[list[int]], list[list[int]]]:
+    """Kernel sizes and strides per stage for a 3-D patch at `spacing`, by nnU-Net's rules
+    (`get_pool_and_conv_props`, simplified): an axis is downsampled only while its spacing is within
+    2x of the finest axis and it keeps >= 4 voxels, and its kernel is 1 (not 3) while its spacing is
+    more than 2x the finest. So a 3 mm x 0.8 mm x 0.8 mm patch first convolves in-plane only, and
+    pools z only once the in-plane spacing has caught up."""
+    current = [float(s) for s in spacing]
+    size = [int(p) for p in patch]
+    kernels, strides = [], []
+    for stage in range(n_stages):
+        finest = min(current)
+        kernels.append([3 if c <= 2 * finest else 1 for c in current])
+        if stage == 0:
+            strides.append([1, 1, 1])
+            continue
+        stride = [
+            2 if c <= 2 * finest and sz // 2 >= 4 and sz % 2 == 0 else 1
+            for c, sz in zip(current, size, strict=True)
+        ]
+        strides.append(stride)
+        current = [c * s for c, s in zip(current, stride, strict=True)]
+        size = [sz // s for sz, s in zip(size, stride, strict=True)]
+    return kernels, strides
 
 
 # name -> (features per stage, convs per stage[, conv bias]). Patch size must be divisible by
@@ -78,7 +117,13 @@ PRESETS: dict[str, tuple] = {
     "tiny": ([4, 8, 16], 1),  # ~4 k params: tests
     "small": ([16, 32, 64, 128], 2),  # ~0.5 M params: CPU demo, zoo scale
     "default": ([32, 64, 128, 256, 512], 2),  # nnU-Net-2D-like, for a GPU
+    # 3-D (Conv3d, InstanceNorm3d): kernels and strides are planned from the patch and spacing
+    # (plan_3d_stages), as nnU-Net's 3d_fullres plans are.
+    "tiny3d": ([4, 8, 16], 1),  # ~7 k params: tests
+    "small3d": ([8, 16, 32, 64], 2),  # ~0.33 M params: CPU training of small volumes
+    "default3d": ([32, 64, 128, 256, 320], 2),  # nnU-Net-3d_fullres-like (capped at 320), for a GPU
 }
+PRESETS_3D = ("tiny3d", "small3d", "default3d")
 
 
 @dataclass(frozen=True)
@@ -94,12 +139,28 @@ class ArchSpec:
     # ---- construction -------------------------------------------------------------------------
     @classmethod
     def preset(
-        cls, name: str, input_channels: int = 1, num_classes: int = 1, dropout: float = 0.0
+        cls,
+        name: str,
+        input_channels: int = 1,
+        num_classes: int = 1,
+        dropout: float = 0.0,
+        patch: Sequence[int] | None = None,
+        spacing: Sequence[float] | None = None,
     ) -> ArchSpec:
-        """A named preset (`micro`, `tiny`, `small`, `default`); `dropout` > 0 adds spatial (channel) dropout."""
+        """A named preset (`micro`, `tiny`, `small`, `default`; 3-D: `tiny3d`, `small3d`,
+        `default3d`); `dropout` > 0 adds spatial (channel) dropout. 3-D presets plan their kernels and
+        strides from `patch` (default 64^3) and `spacing` (default isotropic), see plan_3d_stages."""
         if name not in PRESETS:
             raise UnknownNameError("preset", name, list(PRESETS))
-        return cls(_unet_kwargs(*PRESETS[name][:2], dropout, *PRESETS[name][2:]), input_channels, num_classes)
+        features, n_conv, *bias = PRESETS[name]
+        if name not in PRESETS_3D:
+            return cls(_unet_kwargs(features, n_conv, dropout, *bias), input_channels, num_classes)
+        kernels, strides = plan_3d_stages(len(features), patch or (64, 64, 64), spacing or (1.0, 1.0, 1.0))
+        return cls(
+            _unet_kwargs(features, n_conv, dropout, kernels=kernels, strides=strides),
+            input_channels,
+            num_classes,
+        )
 
     @classmethod
     def from_dict(cls, d: dict[str, Any], source: str | Path | None = None) -> ArchSpec:
@@ -145,6 +206,22 @@ class ArchSpec:
     @property
     def n_stages(self) -> int:
         return int(self.arch_kwargs["n_stages"])
+
+    @property
+    def dims(self) -> int:
+        """2 or 3: the spatial dimension of the convolutions."""
+        return 3 if "3d" in str(self.arch_kwargs.get("conv_op", "")).lower() else 2
+
+    @property
+    def size_divisors(self) -> tuple[int, ...]:
+        """Per spatial axis, the multiple every input size along it must be (product of strides)."""
+        if self.network_class_name == SCALE_SPACE_UNET:
+            return (1,) * self.dims
+        out = [1] * self.dims
+        for s in self.arch_kwargs["strides"]:
+            for a in range(self.dims):
+                out[a] *= int(s[a] if isinstance(s, (list, tuple)) else s)
+        return tuple(out)
 
     @property
     def size_divisor(self) -> int:

@@ -81,23 +81,35 @@ def _gaussian_blur(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
     return y.reshape(n, c, h, w)
 
 
+def _spatial(x: torch.Tensor) -> tuple[int, ...]:
+    """The spatial dims of [n, C, *spatial]: (2, 3) for 2-D, (2, 3, 4) for 3-D."""
+    return tuple(range(2, x.ndim))
+
+
+def _per_channel(v: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """[n, C] -> [n, C, 1, ...] broadcastable against x [n, C, *spatial]."""
+    return v.reshape(*v.shape, *([1] * (x.ndim - 2)))
+
+
 def _gamma(x: torch.Tensor, gamma: torch.Tensor, invert: bool) -> torch.Tensor:
-    """nnU-Net's gamma on [n, C, H, W] with gamma [n, C]: rescale to [0, 1], power, restore mean/std."""
+    """nnU-Net's gamma on [n, C, *spatial] with gamma [n, C]: rescale to [0, 1], power, restore mean/std."""
     if invert:
         x = -x
-    mean, std = x.mean((2, 3), keepdim=True), x.std((2, 3), keepdim=True)
-    lo = x.amin((2, 3), keepdim=True)
-    rng = x.amax((2, 3), keepdim=True) - lo + 1e-7
-    y = ((x - lo) / rng).clamp_(0, 1) ** gamma[..., None, None] * rng + lo
-    y = (y - y.mean((2, 3), keepdim=True)) / (y.std((2, 3), keepdim=True) + 1e-8) * std + mean
+    d = _spatial(x)
+    mean, std = x.mean(d, keepdim=True), x.std(d, keepdim=True)
+    lo = x.amin(d, keepdim=True)
+    rng = x.amax(d, keepdim=True) - lo + 1e-7
+    y = ((x - lo) / rng).clamp_(0, 1) ** _per_channel(gamma, x) * rng + lo
+    y = (y - y.mean(d, keepdim=True)) / (y.std(d, keepdim=True) + 1e-8) * std + mean
     return -y if invert else y
 
 
 def _contrast(x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
-    """Scale around the mean, keeping the original value range ([n, C, H, W], factor [n, C])."""
-    mean = x.mean((2, 3), keepdim=True)
-    lo, hi = x.amin((2, 3), keepdim=True), x.amax((2, 3), keepdim=True)
-    return torch.minimum(torch.maximum((x - mean) * factor[..., None, None] + mean, lo), hi)
+    """Scale around the mean, keeping the original value range ([n, C, *spatial], factor [n, C])."""
+    d = _spatial(x)
+    mean = x.mean(d, keepdim=True)
+    lo, hi = x.amin(d, keepdim=True), x.amax(d, keepdim=True)
+    return torch.minimum(torch.maximum((x - mean) * _per_channel(factor, x) + mean, lo), hi)
 
 
 def _lowres(x: torch.Tensor, zoom: torch.Tensor) -> torch.Tensor:

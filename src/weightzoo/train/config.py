@@ -9,7 +9,7 @@ from typing import Any
 from weightzoo.data.slices import NORMALIZATIONS
 from weightzoo.errors import InputError, UnknownNameError
 from weightzoo.fileio import read_json
-from weightzoo.nets.unet import PRESETS, ArchSpec
+from weightzoo.nets.unet import PRESETS, PRESETS_3D, ArchSpec
 
 OPTIMIZERS = ("sgd", "adam")
 TRAINABLE = ("all", "decoder", "norm_seg")  # what a fine-tune of a base may change (weightzoo.zoo.base)
@@ -44,6 +44,10 @@ class TrainConfig:
     channels_last: bool = False
     deterministic: bool = True  # on CUDA: deterministic cuDNN kernels (CPU kernels already are)
     trainable: str = "all"  # fine-tunes of a base: all | decoder | norm_seg (weightzoo.zoo.base)
+    # 3-D (a *3d preset): size is the patch in the NIfTI's voxel axes [i, j, k] (nibabel's shape order),
+    # spacing the target spacing in mm in the same order (nibabel's zooms; None: the cases' median).
+    # nnU-Net's plans hold both reversed ([z, y, x]); weightzoo.volume converts.
+    spacing: tuple[float, float, float] | None = None
 
     def __post_init__(self) -> None:
         self._check()
@@ -74,11 +78,26 @@ class TrainConfig:
             for name in ("weight_decay", "augment", "dropout", "foreground_oversample", "grad_clip"):
                 setattr(self, name, float(getattr(self, name)))
             self.lr = None if self.lr is None else float(self.lr)
-            self.size = (int(self.size[0]), int(self.size[1]))
+            self.size = tuple(int(v) for v in self.size)  # type: ignore[assignment]
+            if self.spacing is not None:
+                self.spacing = tuple(float(v) for v in self.spacing)  # type: ignore[assignment]
         except (TypeError, ValueError, IndexError) as e:
             raise bad(
                 f"config value of the wrong type ({e})", "numbers for numeric keys, size as [H, W]"
             ) from None
+        dims = self.dims
+        if len(self.size) != dims:
+            raise bad(
+                f"size {list(self.size)} has {len(self.size)} values; preset '{self.preset}' is {dims}-D",
+                "give size as [H, W] for 2-D presets, as the patch [i, j, k] for 3-D ones (e.g. --patch 64,64,32)",
+            )
+        if self.spacing is not None and (
+            dims != 3 or len(self.spacing) != 3 or not all(0 < v < 1e3 for v in self.spacing)
+        ):
+            raise bad(
+                f"spacing {list(self.spacing)} is not three positive mm values of a 3-D run",
+                "give spacing [i, j, k] in mm with a 3-D preset, or leave it out (the cases' median)",
+            )
         for name in ("amp", "channels_last", "deterministic"):
             if not isinstance(getattr(self, name), bool):
                 raise bad(
@@ -103,12 +122,19 @@ class TrainConfig:
         for ok, what in checks:
             if not ok:
                 raise bad(what, "fix the value in the config or on the command line")
-        div = ArchSpec.preset(self.preset).size_divisor
-        if self.size[0] < div or self.size[0] % div or self.size[1] < div or self.size[1] % div:
+        divs = ArchSpec.preset(
+            self.preset, patch=self.size, spacing=self.spacing
+        ).size_divisors  # axis order is irrelevant here
+        if any(s < d or s % d for s, d in zip(self.size, divs, strict=True)):
+            many = divs[0] if len(set(divs)) == 1 else list(divs)
             raise bad(
-                f"size {list(self.size)} is not a multiple of {div}",
-                f"preset '{self.preset}' needs multiples of {div}",
+                f"size {list(self.size)} is not a multiple of {many}",
+                f"preset '{self.preset}' needs multiples of {many} per axis",
             )
+
+    @property
+    def dims(self) -> int:
+        return 3 if self.preset in PRESETS_3D else 2
 
     @property
     def learning_rate(self) -> float:
@@ -117,6 +143,10 @@ class TrainConfig:
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["size"] = list(self.size)
+        if self.spacing is None:
+            d.pop("spacing")  # 2-D configs and files stay as they were
+        else:
+            d["spacing"] = list(self.spacing)
         return d
 
     @classmethod

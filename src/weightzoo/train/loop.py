@@ -23,6 +23,7 @@ import json
 import math
 import random
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -73,6 +74,7 @@ from weightzoo.train.steps import (
     train_step,
     weights_finite,
 )
+from weightzoo.volume.patches import VolumeSet, augment_volumes
 
 __all__ = [
     "CKPT_JSON",
@@ -175,7 +177,31 @@ def _clear_run(out_dir: Path) -> None:
 
 
 # ---- the run ---------------------------------------------------------------------------------------
+def _check_volumes(train: VolumeSet, val: VolumeSet | None, cfg: TrainConfig) -> None:
+    if cfg.dims != 3:
+        raise InputError(
+            f"3-D training volumes were given with the {cfg.dims}-D preset '{cfg.preset}'",
+            "use a 3-D preset (tiny3d, small3d, default3d) or --dims 3",
+        )
+    for name, v in (("training", train), ("validation", val)):
+        if v is not None and (len(v) == 0 or list(v.tasks) != list(cfg.tasks)):
+            raise InputError(
+                f"the {name} volumes are empty or hold other tasks", "check the splits and --task"
+            )
+    for task, present in zip(cfg.tasks, train.has_foreground(), strict=True):
+        if not present:
+            raise InputError(
+                f"task '{task}': its label values appear in none of the {len(train)} training cases",
+                "check the task's label values in dataset.json (`weightzoo data info`) and the sites chosen",
+            )
+
+
 def _check_slices(train: SliceSet, val: SliceSet | None, cfg: TrainConfig) -> None:
+    if cfg.dims != 2:
+        raise InputError(
+            f"2-D slices were given with the 3-D preset '{cfg.preset}'",
+            "train 3-D presets on volumes (--dims 3)",
+        )
     for name, s in (("training", train), ("validation", val)):
         if s is None:
             continue
@@ -207,9 +233,59 @@ def _check_slices(train: SliceSet, val: SliceSet | None, cfg: TrainConfig) -> No
             )
 
 
+def patch_size(cfg: TrainConfig) -> tuple[int, ...]:
+    """A 3-D config's patch in nnU-Net's axis order [z, y, x] (cfg.size is the NIfTI's [i, j, k])."""
+    return tuple(reversed(cfg.size))
+
+
+Draw = Callable[[int, int, int, "torch.Tensor | None"], tuple[torch.Tensor, torch.Tensor]]
+
+
+def _batches(train: SliceSet | VolumeSet, cfg: TrainConfig, device: torch.device) -> Draw:
+    """draw(draw_seed, step, draw_size, rows) -> this process's augmented batch (images, labels).
+
+    The global batch of draw_size depends only on (draw_seed, step); `rows` (data-parallel ranks) picks
+    this rank's rows of it, augmented as one process would. 2-D: nnU-Net-oversampled slice indices;
+    3-D: nnU-Net-oversampled patches of cfg.size."""
+    if isinstance(train, VolumeSet):
+        size = patch_size(cfg)
+
+        def draw_patches(
+            seed: int, step: int, n: int, rows: torch.Tensor | None
+        ) -> tuple[torch.Tensor, torch.Tensor]:
+            x, y = train.sample(step_generator(seed, step, STREAM_DATA), n, size, cfg.foreground_oversample)
+            x, y = augment_volumes(x, y, cfg.augment, step_generator(seed, step, STREAM_AUGMENT))
+            if rows is not None:
+                x, y = x[rows], y[rows]
+            return x.to(device), y.to(device)
+
+        return draw_patches
+
+    x_all = torch.from_numpy(np.ascontiguousarray(train.images)).to(device)
+    y_all = torch.from_numpy(np.ascontiguousarray(train.labels)).to(device)
+    fg_by_task = [
+        torch.from_numpy(np.flatnonzero(train.labels[:, k].any(axis=(1, 2)))) for k in range(len(cfg.tasks))
+    ]
+
+    def draw_slices(
+        seed: int, step: int, n: int, rows: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        idx = sample_indices(
+            step_generator(seed, step, STREAM_DATA), len(train), fg_by_task, n, cfg.foreground_oversample
+        )
+        aug_gen = step_generator(seed, step, STREAM_AUGMENT)
+        if rows is None:
+            dev_idx = idx.to(device)
+            return augment_batch(x_all[dev_idx], y_all[dev_idx], cfg.augment, aug_gen)
+        dev_idx = idx[rows].to(device)  # this rank's rows of the global batch, augmented as one process would
+        return augment_rows(x_all[dev_idx], y_all[dev_idx], cfg.augment, aug_gen, n, rows)
+
+    return draw_slices
+
+
 def train_on_slices(
-    train: SliceSet,
-    val: SliceSet | None,
+    train: SliceSet | VolumeSet,
+    val: SliceSet | VolumeSet | None,
     cfg: TrainConfig,
     out_dir: str | Path,
     resume: bool = True,
@@ -224,7 +300,8 @@ def train_on_slices(
 ) -> TrainResult:
     """Train a PlainConvUNet (K sigmoid outputs) on `train`, validating on `val`; write a model folder.
 
-    train/val: SliceSets, images [N, C, H, W] (H, W = cfg.size), labels [N, K, H, W], K = len(cfg.tasks).
+    train/val: SliceSets, images [N, C, H, W] (H, W = cfg.size), labels [N, K, H, W], K = len(cfg.tasks);
+      or, for a 3-D preset, VolumeSets (weightzoo.volume.patches), trained on patches of cfg.size.
     resume: continue from out_dir's checkpoint of the same run (False: start again from step 0).
     force: overwrite whatever out_dir holds (another run's checkpoint or a finished model).
     stop_after: stop (as if killed) once this many steps are done, without finishing — for tests.
@@ -234,19 +311,28 @@ def train_on_slices(
     If out_dir already holds this finished run, nothing is trained (`skipped=True`).
     """
     out_dir = Path(out_dir)
-    _check_slices(train, val, cfg)
+    volumes = isinstance(train, VolumeSet)
+    if volumes:
+        _check_volumes(train, val, cfg)  # type: ignore[arg-type]
+    else:
+        _check_slices(train, val, cfg)  # type: ignore[arg-type]
     spec = (
         start.spec
         if start is not None
         else ArchSpec.preset(
-            cfg.preset, input_channels=train.images.shape[1], num_classes=len(cfg.tasks), dropout=cfg.dropout
+            cfg.preset,
+            input_channels=train.n_channels if volumes else train.images.shape[1],  # type: ignore[union-attr]
+            num_classes=len(cfg.tasks),
+            dropout=cfg.dropout,
+            patch=patch_size(cfg) if volumes else None,
+            spacing=train.spacing if volumes else None,  # type: ignore[union-attr]
         )
     )
     dp, device = DataParallel.start(dist, resolve_device(cfg.device))
     ident: dict[str, Any] = {
         "config": cfg.identity(),
         "arch_hash": spec.hash(),
-        "data_hash": dp.common_hash(slices_hash(train)),
+        "data_hash": dp.common_hash(train.data_hash() if volumes else slices_hash(train)),  # type: ignore[union-attr,arg-type]
     }
     if start is not None:
         ident["start"] = start.fingerprint()
@@ -320,12 +406,9 @@ def train_on_slices(
         net.train()
         loss_fn = DiceBCELoss()
         amp = autocast_dtype(cfg, device)
-        x_all = torch.from_numpy(np.ascontiguousarray(train.images)).to(device)
-        y_all = torch.from_numpy(np.ascontiguousarray(train.labels)).to(device)
-        fg_by_task = [
-            torch.from_numpy(np.flatnonzero(train.labels[:, k].any(axis=(1, 2))))
-            for k in range(len(cfg.tasks))
-        ]
+        draw = _batches(train, cfg, device)
+        if volumes and val is not None:  # validate on fixed patches, as nnU-Net's pseudo Dice
+            val = val.validation_patches(patch_size(cfg))  # type: ignore[union-attr]
         dp.ready(net, start)
         draw_size, draw_seed, rows = dp.batch_plan(cfg.batch_size, cfg.seed)
         run_info = {
@@ -333,8 +416,11 @@ def train_on_slices(
             "run": identity,
             "config": cfg.to_dict(),
             "sites": sites if sites is not None else train.sites(),
-            "n_train_slices": len(train),
-            "n_val_slices": len(val) if val is not None else 0,
+            **(
+                {"n_train_cases": len(train), "n_val_patches": len(val) if val is not None else 0}
+                if volumes
+                else {"n_train_slices": len(train), "n_val_slices": len(val) if val is not None else 0}
+            ),
         }
         t_start = time.perf_counter()
 
@@ -361,22 +447,7 @@ def train_on_slices(
                 lr = poly_lr(cfg.learning_rate, step, cfg.steps)
                 for group in optimizer.param_groups:
                     group["lr"] = lr
-                idx = sample_indices(
-                    step_generator(draw_seed, step, STREAM_DATA),
-                    len(train),
-                    fg_by_task,
-                    draw_size,
-                    cfg.foreground_oversample,
-                )
-                aug_gen = step_generator(draw_seed, step, STREAM_AUGMENT)
-                if rows is None:
-                    dev_idx = idx.to(device)
-                    xb, yb = augment_batch(x_all[dev_idx], y_all[dev_idx], cfg.augment, aug_gen)
-                else:  # this rank's rows of the global batch, augmented as one process would
-                    dev_idx = idx[rows].to(device)
-                    xb, yb = augment_rows(
-                        x_all[dev_idx], y_all[dev_idx], cfg.augment, aug_gen, draw_size, rows
-                    )
+                xb, yb = draw(draw_seed, step, draw_size, rows)
                 if cfg.channels_last:
                     xb = xb.contiguous(memory_format=torch.channels_last)
                 torch.manual_seed(step_seed(dp.seed(cfg.seed), step, STREAM_TORCH))  # dropout
