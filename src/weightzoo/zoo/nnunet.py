@@ -447,15 +447,18 @@ def nnunet_plans(
     normalization: str = "zscore",
     file_ending: str = ".nii.gz",
     batch_size: int = 12,
+    spacing: Sequence[float] | None = None,
 ) -> dict[str, Any]:
-    """A valid nnU-Net v2 plans file with one configuration whose architecture is `spec`."""
+    """A valid nnU-Net v2 plans file with one configuration whose architecture is `spec`; `spacing`
+    (nnU-Net axis order) is the configuration's target spacing (default 1 mm)."""
     kernel = spec.arch_kwargs["kernel_sizes"]
     dim = len(kernel[0]) if isinstance(kernel[0], (list, tuple)) else 2
-    div = spec.size_divisor
-    patch = [int(s) for s in patch_size] if patch_size is not None else [div * math.ceil(64 / div)] * dim
-    if len(patch) != dim or any(s % div for s in patch):
+    divs = spec.size_divisors
+    patch = [int(s) for s in patch_size] if patch_size is not None else [d * math.ceil(64 / d) for d in divs]
+    if len(patch) != dim or any(s % d for s, d in zip(patch, divs, strict=True)):
         raise ModelError(
-            f"patch size {patch} does not fit the network", f"give {dim} sizes, each a multiple of {div}"
+            f"patch size {patch} does not fit the network",
+            f"give {dim} sizes, multiples of {list(divs)} per axis",
         )
     if normalization not in NORMALIZATION_SCHEMES:
         raise ModelError(
@@ -474,7 +477,7 @@ def nnunet_plans(
         "batch_size": batch_size,
         "patch_size": patch,
         "median_image_size_in_voxels": [float(s) for s in patch],
-        "spacing": [1.0] * dim,
+        "spacing": [float(v) for v in spacing] if spacing is not None else [1.0] * dim,
         "normalization_schemes": [NORMALIZATION_SCHEMES[normalization]] * n_ch,
         "use_mask_for_norm": [False] * n_ch,
         "resampling_fn_data": "resample_data_or_seg_to_shape",
@@ -499,7 +502,8 @@ def nnunet_plans(
     return {
         "dataset_name": dataset_name,
         "plans_name": plans_name,
-        "original_median_spacing_after_transp": ([999.0] if natural or dim == 2 else []) + [1.0] * dim,
+        "original_median_spacing_after_transp": ([999.0] if natural or dim == 2 else [])
+        + (config["spacing"] if dim == 3 else [1.0] * dim),
         "original_median_shape_after_transp": ([1] if natural or dim == 2 else []) + list(patch),
         "image_reader_writer": "NaturalImage2DIO" if natural else "SimpleITKIO",
         "transpose_forward": [0, 1, 2],
