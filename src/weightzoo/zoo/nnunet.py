@@ -458,7 +458,7 @@ def nnunet_plans(
     if len(patch) != dim or any(s % d for s, d in zip(patch, divs, strict=True)):
         raise ModelError(
             f"patch size {patch} does not fit the network",
-            f"give {dim} sizes, multiples of {list(divs)} per axis",
+            f"give {dim} sizes, each a multiple of {divs[0] if len(set(divs)) == 1 else list(divs)}",
         )
     if normalization not in NORMALIZATION_SCHEMES:
         raise ModelError(
