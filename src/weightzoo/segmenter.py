@@ -5,6 +5,10 @@ output channels, one sigmoid channel per task), `n_params`, `seconds_to_build` a
 Inputs are already preprocessed (see `weightzoo.data.slices`); `segment_image` does that for a raw
 NIfTI volume or 2-D image and maps the result back onto the input's grid.
 
+3-D models (a 3-D ArchSpec, `preprocessing.dims == 3`) are `weightzoo.volume.predictor.VolumeSegmenter`s:
+they run nnU-Net's preprocessing and sliding window on a whole NIfTI (`segment_volume`), and
+`segment_image` hands volumes to them.
+
 Model folder (written by `weightzoo train`, read by `segment`, `evaluate` and later routes):
   model.json          {"format": "weightzoo-model", "version": 1, "arch": ArchSpec, "tasks": [...],
                        "preprocessing": {...}, "n_params", "seconds_to_build", "route", "info": {...}}
@@ -172,23 +176,60 @@ def load_model(folder: str | Path, device: str = "auto") -> NetSegmenter:
     check_state_dict(spec, state, str(wpath), spec_from=MODEL_JSON)
     net = load_real_state_dict(build_network(spec), state)
     prep = Preprocessing.from_dict(meta["preprocessing"], folder / MODEL_JSON)
-    return NetSegmenter(
+    if (prep.dims == 3) != (spec.dims == 3):
+        raise ModelError(
+            f"a {spec.dims}-D network with {prep.dims}-D preprocessing",
+            "the model.json was edited; re-create the model folder",
+            folder / MODEL_JSON,
+        )
+    return make_segmenter(
         net,
         spec,
         meta["tasks"],
         prep,
-        name=folder.name,
-        seconds_to_build=float(meta.get("seconds_to_build", time.perf_counter() - t0)),
-        device=resolve_device(device),
+        folder.name,
+        float(meta.get("seconds_to_build", time.perf_counter() - t0)),
+        resolve_device(device),
     )
 
 
-def segment_image(seg: Segmenter, image: Image) -> np.ndarray:
-    """Probabilities [K, *spatial] on the image's own grid (canonical orientation for volumes)."""
+def make_segmenter(
+    net: torch.nn.Module,
+    spec: ArchSpec,
+    tasks: list[str],
+    preprocessing: Preprocessing,
+    name: str,
+    seconds_to_build: float,
+    device: str | torch.device,
+) -> Segmenter:
+    """The Segmenter of a trained network: a NetSegmenter (2-D slices) or, for a 3-D model, a
+    VolumeSegmenter running the pipeline stored in its preprocessing."""
+    if preprocessing.dims != 3:
+        return NetSegmenter(net, spec, tasks, preprocessing, name, seconds_to_build, device)
+    from weightzoo.volume.predictor import VolumeSegmenter
+    from weightzoo.volume.preprocess import VolumePipeline
+
+    pipe = VolumePipeline.from_dict(preprocessing.pipeline or {})
+    seg = VolumeSegmenter(net, spec, pipe, tasks, name, seconds_to_build, device)
+    seg.preprocessing = preprocessing  # the model folder's form; seg.pipeline is the parsed one
+    return seg
+
+
+def segment_image(seg: Segmenter, image: Image, mirror: bool = False) -> np.ndarray:
+    """Probabilities [K, *spatial] on the image's own grid (canonical orientation for volumes).
+
+    A volume model (`segment_volume`) predicts the whole NIfTI with nnU-Net's sliding window,
+    mirroring TTA with `mirror`; 2-D models go slice by slice (`mirror` does not apply)."""
+    if hasattr(seg, "segment_volume"):
+        if not image.is_volume:
+            raise InputError(
+                "a 3-D model segments NIfTI volumes, not 2-D images",
+                "give a .nii/.nii.gz volume, or use a 2-D model for 2-D images",
+                image.path,
+            )
+        return seg.segment_volume(image, mirror=mirror)
     prep = seg.preprocessing
     if image.array.shape[0] != prep.channels:
-        from weightzoo.errors import InputError
-
         raise InputError(
             f"image has {image.array.shape[0]} channel(s), the model expects {prep.channels}",
             "give an image of the modality the model was trained on",

@@ -8,6 +8,11 @@ Masks hold 0/1 (the nnU-Net label convention; use --qc for a picture). `-thr 0` 
 probabilities instead: float32 NIfTI, or for 2-D a PNG scaled 0..255 / a float32 TIFF (name it .tif).
 Multi-task models: `--task T` writes that task only; without it, one file per task, named OUT with
 `_TASK` inserted before the extension (out.nii.gz -> out_cord.nii.gz, out_lesion.nii.gz).
+
+3-D models (`weightzoo train --dims 3`) and nnU-Net checkpoints ingested into a zoo (`-m ZOO:CKPT`,
+e.g. `-m zoo/:3f2a..._e1000`) segment the whole volume with nnU-Net's preprocessing and sliding
+window (`--mirror`: its mirroring TTA). An nnU-Net softmax (label) model writes nnU-Net's label map,
+one file (`--task LABEL`: that label as a 0/1 mask).
 """
 
 from __future__ import annotations
@@ -89,6 +94,7 @@ def segment_file(
     zoo: Path | None = None,
     seed: int = 0,
     scale: float | None = None,
+    mirror: bool = False,
 ) -> dict[str, Path]:
     """Segment one image file; returns {task: written file} (plus {task_MAP: file} for each
     uncertainty map). See the module docstring."""
@@ -101,7 +107,14 @@ def segment_file(
     if thr != 0:
         threshold(np.zeros(1), thr)  # reject a bad threshold before any work
     image = read_image(image_path)
-    if is_hyper_folder(model_dir):  # a hypernetwork: --scale or --site picks the weights
+    zoo_ckpt = zoo_checkpoint(model_dir)
+    if zoo_ckpt is not None:  # an nnU-Net checkpoint ingested into a zoo, with its plans
+        from weightzoo.segmenter import resolve_device
+        from weightzoo.volume.predictor import volume_segmenter_from_zoo
+
+        seg = volume_segmenter_from_zoo(*zoo_ckpt, device=resolve_device(device))
+        model_dir = zoo_ckpt[0]
+    elif is_hyper_folder(model_dir):  # a hypernetwork: --scale or --site picks the weights
         seg = hyper_segmenter(model_dir, scale, site, device)
     elif scale is not None:
         raise InputError("--scale needs a scale hypernetwork folder (hyper.json)", "drop --scale", model_dir)
@@ -111,6 +124,22 @@ def segment_file(
         seg = load_model(model_dir, device=device)
     if task is not None and task not in seg.tasks:
         raise UnknownNameError("task", task, seg.tasks, Path(model_dir) / MODEL_JSON)
+    if mirror and not hasattr(seg, "segment_volume"):
+        raise InputError(
+            "--mirror is nnU-Net's TTA for 3-D models",
+            "drop --mirror (or see --uncertainty tta:T)",
+            model_dir,
+        )
+    if getattr(seg, "output_kind", "sigmoid") == "softmax":  # nnU-Net label model: its label map
+        if uncertainty is not None or largest or qc_dir is not None:
+            raise InputError(
+                "--uncertainty, --largest and --qc work on per-task masks; this nnU-Net model writes a label map",
+                "drop them (or post-process the label map)",
+                model_dir,
+            )
+        return _write_label_map(
+            seg, image, out or default_output(Path(image_path)), thr, task, mirror, [Path(image_path)]
+        )
     tasks = [task] if task is not None else list(seg.tasks)
     out = out or default_output(Path(image_path))
     paths = output_paths(out, tasks, one_file=task is not None or len(seg.tasks) == 1)
@@ -130,7 +159,7 @@ def segment_file(
     if qc_dir is not None:
         check_output_folder(qc_dir, "--qc folder")
     if source is None:
-        probs = segment_image(seg, image)  # [K, *spatial] on the image grid (canonical for volumes)
+        probs = segment_image(seg, image, mirror)  # [K, *spatial] on the image grid (canonical for volumes)
     else:  # every map on the image grid; the mask comes from the mean of the samples
         maps_seg = SampledSegmenter(seg, source)
         all_maps = segment_image(maps_seg, image)  # [K·4, *spatial]
@@ -161,10 +190,54 @@ def segment_file(
                 Path(qc_dir) / f"{name}_qc.png",
                 image,
                 mask,
-                axis=seg.preprocessing.axis,
+                axis=getattr(seg.preprocessing, "axis", 2),
                 title=f"{image.path.name}: {t}",
             )
     return paths
+
+
+def zoo_checkpoint(model: Path) -> tuple[Path, str] | None:
+    """`ZOO:CKPT` (a zoo folder, a colon, a checkpoint id) -> (zoo, ckpt); None for a model folder."""
+    from weightzoo.zoo.store import MANIFEST
+
+    text = str(model)
+    if ":" not in text or Path(text).exists():
+        return None
+    zoo, _, ckpt = text.rpartition(":")
+    if not (Path(zoo) / MANIFEST).is_file():
+        raise InputError(
+            f"{zoo!r} is not a zoo (no {MANIFEST})",
+            "give -m ZOO:CKPT with a zoo folder, or a model folder",
+            zoo,
+        )
+    return Path(zoo), ckpt
+
+
+def _write_label_map(
+    seg: object, image: Image, out: Path, thr: float, task: str | None, mirror: bool, inputs: list[Path]
+) -> dict[str, Path]:
+    """nnU-Net's label map of a softmax model (argmax, exported as nnU-Net does); -thr 0: one
+    probability file per label; --task: that label as a 0/1 mask."""
+    _check_output(out, image)
+    if thr == 0:
+        probs = seg.segment_volume(image, mirror=mirror)  # type: ignore[attr-defined]
+        paths = output_paths(out, [task] if task else list(seg.tasks), task is not None)  # type: ignore[attr-defined]
+        for t, p in paths.items():
+            check_output_file(p, inputs)
+            write_like(p, probs[seg.tasks.index(t)].astype(np.float32), image, dtype=np.float32)  # type: ignore[attr-defined]
+        return paths
+    check_output_file(out, inputs)
+    labels = seg.segment_labels(image, mirror=mirror)  # type: ignore[attr-defined]
+    if task is not None:
+        value = seg.pipeline.task_labels[task]  # type: ignore[attr-defined]
+        labels = np.isin(labels, value)
+    write_like(
+        out,
+        labels.astype(np.uint8 if labels.max() < 256 else np.uint16),
+        image,
+        dtype=np.uint8 if labels.max() < 256 else np.uint16,
+    )
+    return {task or "labels": out}
 
 
 SCALE_OPTION = typer.Option(
@@ -179,7 +252,10 @@ def register(app: typer.Typer) -> None:
             ..., "-i", "--image", help="NIfTI volume (.nii/.nii.gz) or 2-D image (PNG/BMP/TIFF)."
         ),
         model: Path = typer.Option(
-            ..., "-m", "--model", help="Model folder (model.json), heads folder or hyper folder."
+            ...,
+            "-m",
+            "--model",
+            help="Model folder (model.json), heads or hyper folder, or ZOO:CKPT (an ingested nnU-Net checkpoint).",
         ),
         out: Path | None = typer.Option(
             None, "-o", "--out", help="Output file (default: IMAGE_seg.nii.gz / IMAGE_seg.png)."
@@ -210,10 +286,17 @@ def register(app: typer.Typer) -> None:
         zoo: Path | None = ZOO_OPTION,
         seed: int = MC_SEED_OPTION,
         scale: float | None = SCALE_OPTION,
+        mirror: bool = typer.Option(
+            False,
+            "--mirror",
+            help="3-D models: nnU-Net's mirroring test-time augmentation (slower, as nnU-Net's default).",
+        ),
     ) -> None:
-        """Segment an image with a trained model; the mask lies exactly on the input's grid."""
+        """Segment an image with a trained model; the mask lies exactly on the input's grid.
+
+        -m takes a model folder, or ZOO:CKPT for an nnU-Net checkpoint ingested into a zoo."""
         written = segment_file(
-            image, model, out, thr, largest, qc, task, device, site, uncertainty, zoo, seed, scale
+            image, model, out, thr, largest, qc, task, device, site, uncertainty, zoo, seed, scale, mirror
         )
         console = Console()
         for t, p in written.items():

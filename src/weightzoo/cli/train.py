@@ -18,6 +18,49 @@ def _overrides(**options: Any) -> dict[str, Any]:
     return {k: v for k, v in options.items() if v is not None}
 
 
+def _numbers(text: str, option: str, kind: type) -> list[Any]:
+    try:
+        values = [kind(v) for v in text.split(",")]
+    except ValueError:
+        values = []
+    if len(values) != 3:
+        from weightzoo.errors import InputError
+
+        raise InputError(f"{option} {text!r} is not three comma-separated numbers", f"e.g. {option} 64,64,32")
+    return values
+
+
+def volume_options(
+    cfg: dict[str, Any], dims: int | None, patch: str | None, spacing: str | None
+) -> dict[str, Any]:
+    """Config keys from --dims/--patch/--spacing: --dims 3 turns the preset into its 3-D twin
+    (small -> small3d) and the patch into `size`."""
+    from weightzoo.errors import InputError
+    from weightzoo.nets.unet import PRESETS_3D
+
+    preset = str(cfg.get("preset", "small"))
+    is_3d = preset in PRESETS_3D
+    if dims not in (None, 2, 3):
+        raise InputError(f"--dims {dims}", "give --dims 2 (slices) or --dims 3 (volumes)")
+    if dims == 2 and is_3d:
+        raise InputError(f"--dims 2 with the 3-D preset {preset}", "drop --dims or choose a 2-D preset")
+    out: dict[str, Any] = {}
+    if dims == 3 and not is_3d:
+        out["preset"] = preset = f"{preset}3d"
+        is_3d = True
+    if not is_3d:
+        if patch is not None or spacing is not None:
+            raise InputError("--patch/--spacing are for 3-D training", "add --dims 3, or use --size for 2-D")
+        return out
+    if patch is not None:
+        out["size"] = _numbers(patch, "--patch", int)
+    elif len(cfg.get("size", ())) != 3:
+        out["size"] = [64, 64, 64]
+    if spacing is not None:
+        out["spacing"] = _numbers(spacing, "--spacing", float)
+    return out
+
+
 def register(app: typer.Typer) -> None:
     """Add the `train` command to `app`."""
 
@@ -41,6 +84,23 @@ def register(app: typer.Typer) -> None:
         seed: int = typer.Option(None, help="Random seed; same seed, same weights. (default: 0)"),
         augment: float = typer.Option(None, help="Augmentation strength in [0, 1]; 0 = off. (default: 1)"),
         size: int = typer.Option(None, help="Slices are resized to SIZE x SIZE pixels. (default: 64)"),
+        dims: int = typer.Option(
+            None,
+            "--dims",
+            help="3: train a 3-D nnU-Net (3d_fullres-like) on patches of whole volumes; the preset "
+            "becomes its 3-D twin (small -> small3d). (default: 2, slices)",
+        ),
+        patch: str = typer.Option(
+            None,
+            "--patch",
+            help="3-D patch in the NIfTI's voxel axes, e.g. 64,64,32 (the last = along the slices). (default: 64,64,64)",
+        ),
+        spacing: str = typer.Option(
+            None,
+            "--spacing",
+            help="3-D target spacing in mm in the voxel axes, e.g. 0.8,0.8,3; cases are resampled to it "
+            "by nnU-Net's rules. (default: the training cases' median)",
+        ),
         dropout: float = typer.Option(
             None,
             help="Spatial dropout (nnU-Net's dropout_op) after every conv; enables segment/evaluate "
@@ -82,6 +142,7 @@ def register(app: typer.Typer) -> None:
         if task is not None:
             opts["tasks"] = [t.strip() for t in task.split(",") if t.strip()]
         base = load_config_file(config) if config is not None else {}
+        opts.update(volume_options({**base, **opts}, dims, patch, spacing))
         if "tasks" not in opts and "tasks" not in base:
             raise InputError(
                 "no task given", "add --task (e.g. --task cord or --task cord,gm) or tasks: in --config"

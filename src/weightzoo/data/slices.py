@@ -35,33 +35,49 @@ class Preprocessing:
     size: tuple[int, int] = (64, 64)  # in-plane size every slice is resized to
     axis: int = 2  # canonical (RAS) axis volumes are sliced along: 2 = axial
     channels: int = 1
+    # 3-D models: size is the patch in the NIfTI's voxel axes [i, j, k], and `pipeline` is the
+    # weightzoo.volume.preprocess.VolumePipeline (nnU-Net's preprocessing and sliding window) as a dict
+    dims: int = 2
+    pipeline: dict[str, Any] | None = field(default=None, compare=False, hash=False)
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["size"] = list(self.size)
+        if self.dims == 2:  # 2-D model folders stay exactly as they were
+            d.pop("dims")
+            d.pop("pipeline")
         return d
 
     @classmethod
     def from_dict(cls, d: dict[str, Any], source: str | Path | None = None) -> Preprocessing:
-        unknown = set(d) - {"normalization", "size", "axis", "channels"}
+        unknown = set(d) - {"normalization", "size", "axis", "channels", "dims", "pipeline"}
         if unknown:
             raise InputError(
                 f"unknown preprocessing keys {sorted(unknown)}", "remove them from the file", source
             )
         try:
             size = tuple(int(v) for v in d.get("size", (64, 64)))
-            axis, channels = int(d.get("axis", 2)), int(d.get("channels", 1))
+            axis, channels, dims = int(d.get("axis", 2)), int(d.get("channels", 1)), int(d.get("dims", 2))
         except (TypeError, ValueError):
             raise InputError(
-                "preprocessing size/axis/channels are not integers", "fix the file's preprocessing", source
+                "preprocessing size/axis/channels/dims are not integers",
+                "fix the file's preprocessing",
+                source,
             ) from None
+        pipeline = d.get("pipeline")
+        if dims not in (2, 3) or (dims == 3) != isinstance(pipeline, dict):
+            raise InputError(
+                f"preprocessing dims {dims} with {'a' if isinstance(pipeline, dict) else 'no'} 3-D pipeline",
+                "a 2-D model has dims 2 (or none) and no pipeline; a 3-D one dims 3 and its pipeline",
+                source,
+            )
         norm = d.get("normalization", "zscore")
         if norm not in NORMALIZATIONS:
             raise UnknownNameError("normalization", str(norm), NORMALIZATIONS, source)
         # caps, checked before anything is allocated: [1000000, 1000000] used to try 16 TB
-        if len(size) != 2 or not all(1 <= v <= MAX_SIZE for v in size):
+        if len(size) != dims or not all(1 <= v <= MAX_SIZE for v in size):
             raise InputError(
-                f"preprocessing size {list(size)} is not [H, W] with 1 <= H, W <= {MAX_SIZE}",
+                f"preprocessing size {list(size)} is not {dims} sides (H, W or a 3-D patch) in [1, {MAX_SIZE}]",
                 "fix the file's preprocessing",
                 source,
             )
@@ -71,7 +87,11 @@ class Preprocessing:
                 "fix the file's preprocessing",
                 source,
             )
-        return cls(norm, size, axis, channels)
+        if pipeline is not None:
+            from weightzoo.volume.preprocess import VolumePipeline
+
+            VolumePipeline.from_dict(pipeline, source)  # checked now, with the file named
+        return cls(norm, size, axis, channels, dims, pipeline)
 
 
 def normalize_case(array: np.ndarray, method: str) -> np.ndarray:

@@ -40,6 +40,7 @@ from weightzoo.segmenter import (
     MODEL_JSON,
     MODEL_WEIGHTS,
     NetSegmenter,
+    make_segmenter,
     read_model_json,
     resolve_device,
     save_model,
@@ -147,7 +148,7 @@ class StartFrom:
 
 @dataclass
 class TrainResult:
-    segmenter: NetSegmenter
+    segmenter: NetSegmenter  # or a VolumeSegmenter for 3-D runs
     history: list[dict[str, Any]]
     seconds: float  # training wall-clock, summed over resumed calls
     out_dir: Path
@@ -499,7 +500,7 @@ def train_on_slices(
                         save_checkpoint(out_dir, net, optimizer, state(done), extra)
                 prog.update(bar, completed=done)
                 if stop_after is not None and done >= stop_after and done < cfg.steps:
-                    seg = NetSegmenter(
+                    seg = make_segmenter(
                         net, spec, cfg.tasks, train.preprocessing, out_dir.name, seconds(), device
                     )
                     return TrainResult(
@@ -518,7 +519,7 @@ def train_on_slices(
             for name in (CKPT_WEIGHTS, CKPT_JSON):  # the model folder is the result; checkpoints are spent
                 (out_dir / name).unlink(missing_ok=True)
         dp.barrier()
-    seg = NetSegmenter(net, spec, cfg.tasks, train.preprocessing, out_dir.name, total, device)
+    seg = make_segmenter(net, spec, cfg.tasks, train.preprocessing, out_dir.name, total, device)
     return TrainResult(seg, history, total, out_dir, finished=True, resumed_from=start, info=run_info)
 
 
@@ -557,9 +558,23 @@ def train_model(
         )
     dist = dist or current_options()
     by = ds.site if dist.split == "site" else ds.subject
+    all_train_cases = train_cases
     train_cases = shard_cases(train_cases, by, dist)
-    train = load_slices(ds, cfg.tasks, prep=prep, cases=train_cases)
-    val = load_slices(ds, cfg.tasks, prep=prep, cases=val_cases) if val_cases else None
+    if cfg.dims == 3:
+        from weightzoo.volume.data import load_volumes, median_spacing, training_pipeline
+
+        # nnU-Net order [z, y, x]; the median over all training cases, so every rank plans alike
+        spacing = tuple(reversed(cfg.spacing)) if cfg.spacing else median_spacing(ds, all_train_cases)
+        spec = ArchSpec.preset(
+            cfg.preset, ds.n_channels, len(cfg.tasks), cfg.dropout, patch_size(cfg), spacing
+        )
+        pipe = training_pipeline(ds, cfg.tasks, spec, patch_size(cfg), spacing, cfg.normalization)
+        prep = Preprocessing(cfg.normalization, tuple(cfg.size), cfg.axis, ds.n_channels, 3, pipe.to_dict())
+        train: SliceSet | VolumeSet = load_volumes(ds, cfg.tasks, train_cases, prep)
+        val: SliceSet | VolumeSet | None = load_volumes(ds, cfg.tasks, val_cases, prep) if val_cases else None
+    else:
+        train = load_slices(ds, cfg.tasks, prep=prep, cases=train_cases)
+        val = load_slices(ds, cfg.tasks, prep=prep, cases=val_cases) if val_cases else None
     info = {
         **(info or {}),
         "dataset": ds.name,
