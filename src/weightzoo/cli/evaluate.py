@@ -71,7 +71,10 @@ def register(app: typer.Typer) -> None:
     @app.command("evaluate")
     def evaluate(
         model: Path = typer.Option(
-            ..., "-m", "--model", help="Model folder (model.json + model.safetensors)."
+            ...,
+            "-m",
+            "--model",
+            help="Model folder (model.json + model.safetensors), or ZOO:CKPT (an ingested nnU-Net checkpoint).",
         ),
         dataset: Path = typer.Option(
             ..., "-d", "--dataset", help="nnU-Net raw dataset folder DatasetXXX_Name."
@@ -101,9 +104,23 @@ def register(app: typer.Typer) -> None:
         """Evaluate a model per case (Dice, IoU, HD95; nnU-Net rules) and write summary.json."""
         if split not in (*SPLIT_NAMES, "all"):
             raise UnknownNameError("split", split, [*SPLIT_NAMES, "all"])
-        heads = is_heads_folder(model)  # site heads: each case is routed to its site's head
+        from weightzoo.cli.segment import zoo_checkpoint
+
+        zoo_ckpt = zoo_checkpoint(model)
+        heads = zoo_ckpt is None and is_heads_folder(
+            model
+        )  # site heads: each case is routed to its site's head
         hyper_sites = False
-        if is_hyper_folder(model):  # scale: the network for --scale; site: each case gets its site's weights
+        if zoo_ckpt is not None:  # an nnU-Net checkpoint ingested into a zoo: nnU-Net's own inference
+            from weightzoo.segmenter import resolve_device
+            from weightzoo.volume.predictor import volume_segmenter_from_zoo
+
+            seg = volume_segmenter_from_zoo(*zoo_ckpt, device=resolve_device(device))
+            if out is None:
+                out = zoo_ckpt[0] / f"eval_{zoo_ckpt[1]}_{split}" / "summary.json"
+        elif is_hyper_folder(
+            model
+        ):  # scale: the network for --scale; site: each case gets its site's weights
             from weightzoo.hyper.model import read_hyper_json
 
             hyper_sites = read_hyper_json(model)["hyper"]["condition"] == "site"

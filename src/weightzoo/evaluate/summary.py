@@ -13,6 +13,10 @@ header voxel sizes (mm), in-plane ones scaled by original/resized size; 2-D imag
 (`summary["hd95_unit"]`), comparable across models with different `prep.size`. `evaluate_slices`
 on a bare SliceSet knows no spacing and reports pixels of the preprocessed grid unless given one.
 
+3-D models (`segment_volume`: our `--dims 3` models, ingested nnU-Net checkpoints) are scored as
+nnU-Net scores them: on each case's ORIGINAL grid (canonical orientation), the prediction mapped back
+by the model's own pipeline, HD95 in mm from the header's voxel sizes.
+
 Empty-mask rules and the mean (nanmean) are those of nnU-Net; see `weightzoo.evaluate.metrics`.
 """
 
@@ -32,7 +36,7 @@ from weightzoo.errors import InputError, UnknownNameError
 from weightzoo.evaluate.metrics import METRICS, case_metrics, summarize
 from weightzoo.fileio import atomic_write_json
 from weightzoo.postprocess import threshold as apply_threshold
-from weightzoo.segmenter import Segmenter
+from weightzoo.segmenter import Segmenter, segment_image
 
 SUMMARY_FORMAT = "weightzoo-evaluation"
 EMPTY_RULES = (
@@ -195,11 +199,15 @@ def evaluate_segmenter(
             ds.root,
         )
     prep = seg.preprocessing
-    per_case, unit = [], "px"
+    volume_model = hasattr(seg, "segment_volume")
+    per_case, unit = [], "mm" if volume_model else "px"
     for i, case in enumerate(chosen):
-        ss = load_slices(ds, tasks, prep=prep, cases=[case])  # one case at a time: memory stays bounded
-        spacing, unit = grid_spacing(ds, case, prep)
-        ((pred, ref),) = _case_volumes(seg, ss, tasks, threshold).values()
+        if volume_model:
+            pred, ref, spacing = _original_grid_case(seg, ds, case, tasks, threshold)
+        else:
+            ss = load_slices(ds, tasks, prep=prep, cases=[case])  # one case at a time: memory stays bounded
+            spacing, unit = grid_spacing(ds, case, prep)
+            ((pred, ref),) = _case_volumes(seg, ss, tasks, threshold).values()
         per_case.append(
             {
                 "case": case,
@@ -218,6 +226,24 @@ def evaluate_segmenter(
         "sites": sorted({ds.site(c) for c in chosen}),
     }
     return _assemble(seg, per_case, tasks, threshold, unit, t0, extra)
+
+
+def _original_grid_case(
+    seg: Segmenter, ds: RawDataset, case: str, tasks: Sequence[str], thr: float
+) -> tuple[np.ndarray, np.ndarray, list[float]]:
+    """A 3-D model on one case's own grid: pred, ref [T, X, Y, Z] uint8 (canonical) and spacing (mm).
+    Softmax (label) models are scored on nnU-Net's label map, each task being its label values."""
+    from weightzoo.data.slices import binary_task_masks, load_case
+
+    image, label = load_case(ds, case)
+    ref = binary_task_masks(label, [ds.task_labels(t) for t in tasks])
+    if getattr(seg, "output_kind", "sigmoid") == "softmax":
+        labels = seg.segment_labels(image)  # type: ignore[attr-defined]
+        pred = np.stack([np.isin(labels, seg.pipeline.task_labels[t]) for t in tasks]).astype(np.uint8)  # type: ignore[attr-defined]
+    else:
+        probs = segment_image(seg, image)
+        pred = apply_threshold(probs[[seg.tasks.index(t) for t in tasks]], thr)
+    return pred, ref, list(image.spacing)
 
 
 def _assemble(
@@ -240,7 +266,9 @@ def _assemble(
         "tasks": list(tasks),
         "threshold": float(thr),
         "n_cases": len(per_case),
-        "grid": f"preprocessed: slices along canonical axis {prep.axis}, resized to {list(prep.size)}",
+        "grid": "original: each case's own grid (3-D model)"
+        if hasattr(seg, "segment_volume")
+        else f"preprocessed: slices along canonical axis {prep.axis}, resized to {list(prep.size)}",
         "hd95_unit": unit,
         "empty_rules": EMPTY_RULES,
         "seconds_to_evaluate": round(time.perf_counter() - t0, 3),
