@@ -93,17 +93,15 @@ def plan_3d_stages(
     kernels, strides = [], []
     for stage in range(n_stages):
         finest = min(current)
-        kernels.append([3 if c <= 2 * finest else 1 for c in current])
-        if stage == 0:
-            strides.append([1, 1, 1])
-            continue
+        # a stage's first conv strides, so its kernels work at the spacing after that stride
         stride = [
-            2 if c <= 2 * finest and sz // 2 >= 4 and sz % 2 == 0 else 1
+            2 if stage and c <= 2 * finest and sz // 2 >= 4 and sz % 2 == 0 else 1
             for c, sz in zip(current, size, strict=True)
         ]
-        strides.append(stride)
         current = [c * s for c, s in zip(current, stride, strict=True)]
         size = [sz // s for sz, s in zip(size, stride, strict=True)]
+        strides.append(stride)
+        kernels.append([3 if c <= 2 * min(current) else 1 for c in current])
     return kernels, strides
 
 
