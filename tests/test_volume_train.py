@@ -212,3 +212,35 @@ def test_3d_errors_name_the_fix(
     PILImage.fromarray(np.zeros((32, 32), np.uint8)).save(png)
     assert cli(["segment", "-i", png, "-m", model, "-o", tmp_path / "o.png"]) == 2
     assert "a 3-D model segments NIfTI volumes" in capsys.readouterr().err
+
+
+def test_3d_export_round_trip_is_bit_exact_and_the_zoo_runs_it(volumes: RawDataset, tmp_path: Path) -> None:
+    """Our 3-D model -> nnU-Net results folder -> zoo ingest -> `segment -m ZOO:CKPT`: same weights, the
+    same pipeline (plans), the same probabilities."""
+    from weightzoo.data.io import read_image
+    from weightzoo.segmenter import segment_image
+    from weightzoo.volume.predictor import volume_segmenter_from_zoo
+    from weightzoo.volume.preprocess import VolumePipeline
+    from weightzoo.zoo.exchange import export_model_folder, ingest_results
+    from weightzoo.zoo.nnunet import read_nnunet_results
+    from weightzoo.zoo.store import Zoo
+
+    model = tmp_path / "m"
+    train_model(volumes, tiny3d(steps=3), model, progress=False)
+    ours = load_model(model, "cpu")
+    pth = export_model_folder(model, tmp_path / "results")
+    assert pth.parent.parent.name == "nnUNetTrainer__nnUNetPlans__3d_fullres"
+    (ck,) = [c for c in read_nnunet_results(pth.parent.parent) if c.checkpoint == "final"]
+    assert ck.spec.hash() == ours.spec.hash() and ck.configuration == "3d_fullres"
+    assert all(torch.equal(ck.state[k], v) for k, v in weights(model).items())
+    back = VolumePipeline.from_plans(ck.plans, ck.configuration, ck.dataset_json, ck.mirror_axes)
+    assert back == ours.pipeline
+    ingest_results(pth.parent.parent, tmp_path / "zoo")
+    with Zoo(tmp_path / "zoo") as z:
+        (ckpt,) = [c.ckpt_id for c in z.checkpoints()]
+    image = read_image(volumes.image_files(volumes.cases_in("test")[0])[0])
+    from_zoo = volume_segmenter_from_zoo(tmp_path / "zoo", ckpt, "cpu")
+    assert np.array_equal(segment_image(from_zoo, image), segment_image(ours, image))
+    out = tmp_path / "seg.nii.gz"
+    assert cli(["segment", "-i", image.path, "-m", f"{tmp_path / 'zoo'}:{ckpt}", "-o", out]) == 0
+    assert nib.load(str(out)).shape == nib.load(str(image.path)).shape

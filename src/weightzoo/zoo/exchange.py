@@ -201,16 +201,29 @@ def export_network(
     channels = description.get("channel_names") or {str(i): f"channel{i}" for i in range(spec.input_channels)}
     labels = description.get("task_labels") or {t: [i + 1] for i, t in enumerate(tasks)}
     ending = str(description.get("file_ending") or ".nii.gz")
+    three_d = getattr(preprocessing, "dims", 2) == 3
+    extra: dict[str, Any] = {"patch_size": list(preprocessing.size)}
+    if three_d:  # the exact plans the model was trained and predicts with (weightzoo.volume.data)
+        from weightzoo.volume.preprocess import VolumePipeline
+
+        pipe = VolumePipeline.from_dict(preprocessing.pipeline)
+        extra = {
+            "patch_size": list(pipe.patch_size),
+            "spacing": list(pipe.spacing),
+            "mirror_axes": pipe.mirror_axes,
+        }
+    config = "3d_fullres" if three_d else "2d"
     return write_nnunet_results(
-        Path(parent) / name / "nnUNetTrainer__nnUNetPlans__2d",
+        Path(parent) / name / f"nnUNetTrainer__nnUNetPlans__{config}",
         spec,
         state,
         nnunet_dataset_json(channels, {t: labels[t] for t in tasks}, ending, name),
+        configuration=config,
         info=info,
         overwrite=overwrite,
         dataset_name=name,
-        patch_size=list(preprocessing.size),
         normalization=preprocessing.normalization,
+        **extra,
     )
 
 
