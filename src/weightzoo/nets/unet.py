@@ -340,7 +340,7 @@ def build_network(spec: ArchSpec, seed: int | None = None) -> nn.Module:
     except ImportError:  # pragma: no cover - depends on the install
         raise ModelError(
             "dynamic-network-architectures is not installed",
-            "pip install --no-deps dynamic-network-architectures==0.4.4 (see README)",
+            "pip install \"dynamic-network-architectures>=0.3.1,<0.4\" (a weightzoo dependency; see README)",
         ) from None
     kwargs = _resolve_ops(spec.arch_kwargs)
     fork = torch.random.fork_rng(devices=[]) if seed is not None else _null()
