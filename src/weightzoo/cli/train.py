@@ -54,8 +54,6 @@ def volume_options(
         return out
     if patch is not None:
         out["size"] = _numbers(patch, "--patch", int)
-    elif len(cfg.get("size", ())) != 3:
-        out["size"] = [64, 64, 64]
     if spacing is not None:
         out["spacing"] = _numbers(spacing, "--spacing", float)
     return out
@@ -76,7 +74,9 @@ def register(app: typer.Typer) -> None:
         site: list[str] = typer.Option(None, "--site", "-s", help="Train on this site only (repeatable)."),
         preset: str = typer.Option(None, help="Network size: tiny | small | default. (default: small)"),
         steps: int = typer.Option(None, help="Training iterations (batches). (default: 1000)"),
-        batch_size: int = typer.Option(None, "--batch-size", help="Slices per batch. (default: 16)"),
+        batch_size: int = typer.Option(
+            None, "--batch-size", help="Slices (3-D: patches) per batch. (default: 16; 3-D: 2)"
+        ),
         optimizer: str = typer.Option(
             None, help="sgd (nnU-Net: Nesterov 0.99, poly lr) | adam. (default: sgd)"
         ),

@@ -117,9 +117,9 @@ PRESETS: dict[str, tuple] = {
     "default": ([32, 64, 128, 256, 512], 2),  # nnU-Net-2D-like, for a GPU
     # 3-D (Conv3d, InstanceNorm3d): kernels and strides are planned from the patch and spacing
     # (plan_3d_stages), as nnU-Net's 3d_fullres plans are.
-    "tiny3d": ([4, 8, 16], 1),  # ~7 k params: tests
-    "small3d": ([8, 16, 32, 64], 2),  # ~0.33 M params: CPU training of small volumes
-    "default3d": ([32, 64, 128, 256, 320], 2),  # nnU-Net-3d_fullres-like (capped at 320), for a GPU
+    "tiny3d": ([4, 8, 16], 1),  # ~10 k params (isotropic 64^3): tests
+    "small3d": ([8, 16, 32, 64], 2),  # ~0.35 M params: CPU training of small volumes
+    "default3d": ([32, 64, 128, 256, 320], 2),  # ~16.5 M: nnU-Net-3d_fullres-like (capped at 320), GPU
 }
 PRESETS_3D = ("tiny3d", "small3d", "default3d")
 
@@ -340,7 +340,7 @@ def build_network(spec: ArchSpec, seed: int | None = None) -> nn.Module:
     except ImportError:  # pragma: no cover - depends on the install
         raise ModelError(
             "dynamic-network-architectures is not installed",
-            "pip install \"dynamic-network-architectures>=0.3.1,<0.4\" (a weightzoo dependency; see README)",
+            'pip install "dynamic-network-architectures>=0.3.1,<0.4" (a weightzoo dependency; see README)',
         ) from None
     kwargs = _resolve_ops(spec.arch_kwargs)
     fork = torch.random.fork_rng(devices=[]) if seed is not None else _null()

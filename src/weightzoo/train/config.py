@@ -25,7 +25,7 @@ class TrainConfig:
     tasks: list[str]
     preset: str = "small"
     steps: int = 1000  # iterations (batches), not epochs
-    batch_size: int = 16
+    batch_size: int = 16  # 3-D presets: 2 unless given
     optimizer: str = "sgd"  # sgd (nnU-Net) | adam
     lr: float | None = None  # None: 1e-2 for sgd, 1e-3 for adam
     weight_decay: float = 3e-5
@@ -169,8 +169,11 @@ class TrainConfig:
                 "the training config has no 'tasks'", "add tasks: [TASK, ...] or pass --task", source
             )
         cfg = cls.__new__(cls)
+        defaults = {f.name: f.default for f in fields(cls)}
+        if d.get("preset") in PRESETS_3D:  # nnU-Net 3d_fullres-like defaults: batch 2, 64^3 patches
+            defaults.update(batch_size=2, size=(64, 64, 64))
         for f in fields(cls):
-            setattr(cfg, f.name, d.get(f.name, f.default))
+            setattr(cfg, f.name, d.get(f.name, defaults[f.name]))
         cfg._check(source)
         return cfg
 
