@@ -1,6 +1,7 @@
 """`weightzoo heads ...`: a shared backbone with a small head per site.
 
 weightzoo heads train --dataset data/Dataset501_Phantom --task cord --head-stages 1 --out heads/cord
+weightzoo heads train --dataset data/Dataset501_Phantom --task cord --dims 3 --patch 64,64,16 --out heads/cord3d
 weightzoo heads add-site --model heads/cord --dataset data/Dataset502_New --site H --shots 10
 weightzoo heads ls heads/cord
 weightzoo heads export heads/cord --site B out_dir/
@@ -97,7 +98,10 @@ def register(app: typer.Typer) -> None:
             1, "--head-stages", help="Decoder stages in each head (0: segmentation layer only)."
         ),
         site: list[str] = typer.Option(None, "--site", "-s", help="Train on these sites only (repeatable)."),
-        preset: str = typer.Option(None, help="Network size: tiny | small | default. (default: small)"),
+        preset: str = typer.Option(
+            None,
+            help="Network size: tiny | small | default (3-D: tiny3d | small3d | default3d). (default: small)",
+        ),
         steps: int = typer.Option(None, help="Backbone training iterations. (default: 1000)"),
         head_steps: int = typer.Option(
             None, "--head-steps", help="Iterations per site head. (default: steps/10)"
@@ -115,6 +119,22 @@ def register(app: typer.Typer) -> None:
         lr: float = typer.Option(None, help="Backbone learning rate. (default: 1e-2 sgd)"),
         seed: int = options.SEED,
         size: int = options.SIZE,
+        dims: int = typer.Option(
+            None,
+            "--dims",
+            help="3: a 3-D backbone and heads (3d_fullres-like) on patches of whole volumes; the preset "
+            "becomes its 3-D twin (small -> small3d). (default: 2, slices)",
+        ),
+        patch: str = typer.Option(
+            None,
+            "--patch",
+            help="3-D patch in the NIfTI's voxel axes, e.g. 64,64,32 (the last = along the slices). (default: 64,64,64)",
+        ),
+        spacing: str = typer.Option(
+            None,
+            "--spacing",
+            help="3-D target spacing in mm in the voxel axes, e.g. 0.8,0.8,3. (default: the training cases' median)",
+        ),
         device: str = options.DEVICE,
         config: Path = options.CONFIG,
         resume: bool = options.RESUME,
@@ -123,20 +143,25 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """(a) backbone + universal head on all sites, (b) one head per site (backbone frozen),
         (c) optional joint unfreeze. Killed? Run the same command again: it resumes."""
+        from weightzoo.cli.train import volume_options
+        from weightzoo.errors import InputError
         from weightzoo.heads.train import train_heads
-        from weightzoo.train.config import config_from_options
+        from weightzoo.train.config import TrainConfig, config_from_options, load_config_file
 
-        cfg = config_from_options(
-            config,
-            task,
-            size=size,
-            preset=preset,
-            steps=steps,
-            batch_size=batch_size,
-            lr=lr,
-            seed=seed,
-            device=device,
-        )
+        given = dict(preset=preset, steps=steps, batch_size=batch_size, lr=lr, seed=seed, device=device)
+        opts = {k: v for k, v in given.items() if v is not None}
+        if size is not None:
+            opts["size"] = [size, size]
+        base = load_config_file(config) if config is not None else {}
+        vol = volume_options({**base, **opts}, dims, patch, spacing)  # as `weightzoo train`
+        if not vol:  # 2-D (or a 3-D config file that needs nothing more)
+            cfg = config_from_options(config, task, size=size, **given)
+        else:  # 3-D: the preset's 3-D twin, the patch as `size`, the spacing
+            if task is not None:
+                opts["tasks"] = [t.strip() for t in task.split(",") if t.strip()]
+            if "tasks" not in opts and "tasks" not in base:
+                raise InputError("no task given", "add --task (e.g. --task cord) or tasks: in --config")
+            cfg = TrainConfig.from_dict({**base, **opts, **vol}, source=config)
         res = train_heads(
             dataset,
             cfg,
@@ -204,7 +229,8 @@ def register(app: typer.Typer) -> None:
         ),
     ) -> None:
         """Write backbone + one head as one plain model folder (for segment/evaluate) and, inside it,
-        as an nnU-Net v2 results folder (OUT_DIR/nnUNet_results/DatasetXXX_Name/nnUNetTrainer__nnUNetPlans__2d)."""
+        as an nnU-Net v2 results folder (OUT_DIR/nnUNet_results/DatasetXXX_Name/nnUNetTrainer__nnUNetPlans__2d,
+        or __3d_fullres for a 3-D heads model)."""
         from weightzoo.heads.segmenter import export_head
 
         path = export_head(folder, site, out_dir, nnunet=nnunet)

@@ -4,6 +4,7 @@ from weightzoo.heads import train_heads, add_site, load_any_model
 train_heads("data/Dataset501_Phantom", TrainConfig(tasks=["cord"], preset="tiny"), "heads/cord")
 add_site("heads/cord", "data/Dataset502_New", site="H", shots=10)
 seg = load_any_model("heads/cord", site="B")     # a Segmenter; unknown site -> universal + warning
+3-D: a config with a 3-D preset (tiny3d, small3d, default3d; size = the patch) trains on volumes.
 """
 
 from weightzoo.heads.model import (
@@ -15,7 +16,13 @@ from weightzoo.heads.model import (
     is_heads_folder,
     split_state,
 )
-from weightzoo.heads.segmenter import HeadedSegmenter, evaluate_headed, load_any_model
+from weightzoo.heads.segmenter import (
+    HeadedSegmenter,
+    HeadedVolumeSegmenter,
+    evaluate_headed,
+    headed_segmenter,
+    load_any_model,
+)
 from weightzoo.heads.train import (
     HeadsResult,
     add_site,
@@ -30,6 +37,7 @@ __all__ = [
     "UNIVERSAL",
     "HeadedModel",
     "HeadedSegmenter",
+    "HeadedVolumeSegmenter",
     "HeadsResult",
     "SiteWarning",
     "add_site",
@@ -37,6 +45,7 @@ __all__ = [
     "head_names",
     "head_prefixes",
     "head_sizes",
+    "headed_segmenter",
     "is_heads_folder",
     "joint_unfreeze",
     "load_any_model",

@@ -12,6 +12,10 @@ resuming a killed phase gives the same weights as an uninterrupted one.
 
 Sampling is balanced by site: each batch element picks a site uniformly, then a slice of that site (a
 third of the batch from slices with foreground, as nnU-Net's oversampling).
+
+3-D (VolumeSets, weightzoo.volume): the same, with patches instead of slices: each batch element picks
+a site uniformly, then a patch of that site's cases (`VolumeSet.sample`, nnU-Net's foreground
+oversampling), augmented by `augment_volumes`; validation on fixed `validation_patches`.
 """
 
 from __future__ import annotations
@@ -50,9 +54,12 @@ from weightzoo.train.loop import (
     train_step,
 )
 from weightzoo.train.losses import DiceBCELoss
+from weightzoo.volume.patches import Patches, VolumeSet, augment_volumes
 
 _DATA, _AUGMENT, _TORCH = 0, 1, 2
-Sampler = Callable[[torch.Generator], tuple[torch.Tensor, Any]]
+# sampler(generator) -> (batch, cond): batch = slice indices [B] (SliceSets) or patches (x, y) (VolumeSets)
+Sampler = Callable[[torch.Generator], tuple[Any, Any]]
+Data = SliceSet | VolumeSet
 
 
 # ---- the trainable module ---------------------------------------------------------------------------
@@ -177,6 +184,90 @@ def site_balanced_indices(
     return torch.cat(out)
 
 
+@dataclass
+class VolumePools:
+    """The cases of a VolumeSet grouped by site (one VolumeSet per site) and the patch size [z, y, x]."""
+
+    sites: list[str]
+    sets: list[VolumeSet]
+    size: tuple[int, ...]
+
+    @classmethod
+    def of(cls, v: VolumeSet, sites: list[str] | None = None) -> VolumePools:
+        sites = sites or v.sites()
+        sets = []
+        for site in sites:
+            idx = [i for i, s in enumerate(v.case_sites) if s == site]
+            if not idx:
+                raise InputError(f"no training cases of site '{site}'", "check the dataset's splits")
+            sets.append(_cases(v, idx))
+        return cls(list(sites), sets, volume_patch(v))
+
+
+def _cases(v: VolumeSet, idx: list[int]) -> VolumeSet:
+    """The cases `idx` of `v` (arrays shared, not copied)."""
+    return VolumeSet(
+        [v.images[i] for i in idx], [v.labels[i] for i in idx], [v.cases[i] for i in idx],
+        [v.case_sites[i] for i in idx], v.tasks, v.spacing, v.preprocessing, [v._fg[i] for i in idx],
+    )  # fmt: skip
+
+
+def volume_patch(v: VolumeSet) -> tuple[int, ...]:
+    """The patch [z, y, x] the volumes' model is trained and predicts on (its pipeline's)."""
+    from weightzoo.volume.preprocess import VolumePipeline
+
+    return tuple(VolumePipeline.from_dict(v.preprocessing.pipeline).patch_size)
+
+
+def site_balanced_patches(
+    generator: torch.Generator, pools: VolumePools, batch_size: int, oversample: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """A batch of patches (images [B, C, z, y, x], labels [B, K, z, y, x]): each element's site drawn
+    uniformly, then its patch drawn from that site's cases by `VolumeSet.sample`. As in nnU-Net the
+    last round(B·oversample) elements of the batch are centred on foreground, whatever their sites
+    (per-site batches of 3-D runs are often 1 patch, and would otherwise never oversample)."""
+    which = torch.randint(len(pools.sites), (batch_size,), generator=generator)
+    n_fg = batch_size - round(batch_size * (1 - oversample))
+    forced = torch.arange(batch_size) >= batch_size - n_fg
+    xs: list[torch.Tensor | None] = [None] * batch_size
+    ys: list[torch.Tensor | None] = [None] * batch_size
+    for s in range(len(pools.sites)):
+        mine = (which == s).nonzero().squeeze(1)
+        m = len(mine)
+        if m:  # the forced ones come last in `mine`, as `sample` centres its last k on foreground
+            k = int(forced[mine].sum())
+            x, y = pools.sets[s].sample(generator, m, pools.size, k / m)
+            for j, b in enumerate(mine.tolist()):
+                xs[b], ys[b] = x[j], y[j]
+    return torch.stack(xs), torch.stack(ys)  # type: ignore[arg-type]
+
+
+def site_pools(data: Data, sites: list[str] | None = None) -> SitePools | VolumePools:
+    """Slices (SitePools) or volumes (VolumePools) of `data` grouped by site."""
+    return VolumePools.of(data, sites) if isinstance(data, VolumeSet) else SitePools.of(data, sites)
+
+
+def site_balanced_batch(
+    generator: torch.Generator, pools: SitePools | VolumePools, batch_size: int, oversample: float
+) -> Any:
+    """What a sampler returns as its batch: slice indices (SitePools) or patches (VolumePools)."""
+    if isinstance(pools, VolumePools):
+        return site_balanced_patches(generator, pools, batch_size, oversample)
+    return site_balanced_indices(generator, pools, batch_size, oversample)
+
+
+def site_subset(data: Data, site: str) -> Data:
+    """The slices or cases of one site."""
+    if isinstance(data, VolumeSet):
+        return _cases(data, [i for i, s in enumerate(data.case_sites) if s == site])
+    return data.where(site=site)
+
+
+def eval_set(data: Data | Patches) -> SliceSet | Patches:
+    """What `evaluate_slices` reads: slices as they are, volumes as their fixed validation patches."""
+    return data.validation_patches(volume_patch(data)) if isinstance(data, VolumeSet) else data
+
+
 def _phase_seed(seed: int, phase: str) -> int:
     """Each phase (and site) gets its own streams, all derived from the run's seed."""
     return int(step_seed(seed, zlib.crc32(phase.encode()), 7) % (2**62))
@@ -195,11 +286,11 @@ class PhaseResult:
 
 def run_phase(
     model: nn.Module,
-    train: SliceSet,
+    train: Data,
     sampler: Sampler,
     cfg: TrainConfig,
     phase: str,
-    val: tuple[Any, SliceSet] | list[tuple[Any, SliceSet]] | None = None,
+    val: tuple[Any, Data] | list[tuple[Any, Data]] | None = None,
     run_dir: Path | None = None,
     identity: dict[str, Any] | None = None,
     progress: bool = False,
@@ -208,7 +299,8 @@ def run_phase(
 ) -> PhaseResult:
     """Train `model(x, cond)`'s trainable parameters for cfg.steps steps (cfg.learning_rate, poly).
 
-    sampler(generator) -> (indices into train [B], cond); val = (cond, slices), or a list of them
+    sampler(generator) -> (indices into train [B], cond), or for a VolumeSet ((patches, labels), cond)
+    (see `site_balanced_batch`); val = (cond, slices or volumes), or a list of them
     (the logged loss and Dice per task are then means over the list), validated every
     cfg.val_every steps (Dice per task). With `run_dir`, a checkpoint is written every
     cfg.checkpoint_every steps and resumed from when its `identity` matches (else a ModelError).
@@ -224,6 +316,8 @@ def run_phase(
             "use --split batch (the default) for this route",
         )
     vals = [] if val is None else val if isinstance(val, list) else [val]
+    vals = [(c, eval_set(s)) for c, s in vals]
+    volumes = isinstance(train, VolumeSet)
     model.to(device).train()
     wrapped = dp.wrap(model, static_graph=False)  # heads/conditions used can change per batch
     optimizer = make_optimizer(model, cfg)
@@ -247,8 +341,9 @@ def run_phase(
         loss_sum, loss_n = float(st["loss_sum"]), int(st["loss_n"])
     dp.ready(model, start)
     rows = dp.rows(cfg.batch_size)
-    x_all = torch.from_numpy(np.ascontiguousarray(train.images)).to(device)
-    y_all = torch.from_numpy(np.ascontiguousarray(train.labels)).to(device)
+    if not volumes:
+        x_all = torch.from_numpy(np.ascontiguousarray(train.images)).to(device)
+        y_all = torch.from_numpy(np.ascontiguousarray(train.labels)).to(device)
     t0 = time.perf_counter()
 
     def seconds() -> float:
@@ -269,9 +364,17 @@ def run_phase(
             lr = poly_lr(cfg.learning_rate, step, cfg.steps)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            idx, cond = sampler(step_generator(seed, step, _DATA))
+            idx, cond = sampler(step_generator(seed, step, _DATA))  # indices, or patches (x, y)
             aug_gen = step_generator(seed, step, _AUGMENT)
-            if rows is None:
+            if volumes:  # patches, augmented on the CPU as the whole batch (as weightzoo.train)
+                xb, yb = augment_volumes(*idx, cfg.augment, aug_gen)
+                if rows is not None:
+                    n = len(xb)
+                    xb, yb = xb[rows], yb[rows]
+                    if torch.is_tensor(cond) and cond.dim() > 0 and len(cond) == n:
+                        cond = cond[rows]
+                xb, yb = xb.to(device), yb.to(device)
+            elif rows is None:
                 xb, yb = augment_batch(x_all[idx.to(device)], y_all[idx.to(device)], cfg.augment, aug_gen)
             else:  # this rank's rows of the global batch (and of a per-sample condition)
                 own = idx[rows].to(device)
@@ -316,7 +419,11 @@ def run_phase(
 
 
 def _validate(
-    model: nn.Module, vals: list[tuple[Any, SliceSet]], loss_fn: DiceBCELoss, device: torch.device, amp: Any
+    model: nn.Module,
+    vals: list[tuple[Any, SliceSet | Patches]],
+    loss_fn: DiceBCELoss,
+    device: torch.device,
+    amp: Any,
 ) -> tuple[float, list[float]]:
     """Mean over (cond, slices) pairs of val loss and Dice per task (NaN where no pair has foreground)."""
     results = [evaluate_slices(_Bound(model, c), s, loss_fn, device, amp) for c, s in vals]
@@ -329,10 +436,11 @@ def _validate(
 
 @torch.no_grad()
 def val_dice(
-    model: nn.Module, cond: Any, val: SliceSet | None, tasks: list[str], device: str
+    model: nn.Module, cond: Any, val: Data | None, tasks: list[str], device: str
 ) -> dict[str, float | None]:
-    """Pseudo Dice per task (counts summed over the slices) of model(x, cond) on `val`; {} without."""
+    """Pseudo Dice per task (counts summed over the slices, or a VolumeSet's validation patches) of
+    model(x, cond) on `val`; {} without."""
     if val is None or not len(val):
         return {}
-    _, dice = evaluate_slices(_Bound(model, cond), val, DiceBCELoss(), resolve_device(device))
+    _, dice = evaluate_slices(_Bound(model, cond), eval_set(val), DiceBCELoss(), resolve_device(device))
     return {t: None if np.isnan(d) else round(float(d), 4) for t, d in zip(tasks, dice, strict=True)}

@@ -7,6 +7,10 @@
 Rules (also in docs/heads.md): a known site uses its head; an unknown site falls back to the universal
 head with a `SiteWarning` that lists the known sites; no site (None) uses the universal head, silently —
 the universal head was trained on all sites, so it is the right model for data of unknown origin.
+
+3-D heads models (trained with --dims 3) are `HeadedVolumeSegmenter`s: backbone + head as a plain 3-D
+network run by `VolumeSegmenter` (nnU-Net's preprocessing and sliding window on a whole NIfTI), as a
+plain 3-D model folder is. `headed_segmenter` picks the class; `load_any_model` uses it.
 """
 
 from __future__ import annotations
@@ -14,20 +18,58 @@ from __future__ import annotations
 import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 import torch
 
 from weightzoo.data.raw import RawDataset
+from weightzoo.errors import ModelError
 from weightzoo.heads.model import UNIVERSAL, HeadedModel, SiteWarning, is_heads_folder
-from weightzoo.segmenter import NetSegmenter, Segmenter, load_model, read_model_json, resolve_device
+from weightzoo.segmenter import (
+    NetSegmenter,
+    Segmenter,
+    load_model,
+    make_segmenter,
+    read_model_json,
+    resolve_device,
+)
+from weightzoo.volume.predictor import VolumeSegmenter
 
 
-class HeadedSegmenter(NetSegmenter):
-    """A NetSegmenter over backbone + one head; `use(site)` swaps the head in place.
+class _HeadSwap:
+    """Head swapping shared by the 2-D and 3-D headed segmenters (they own `net` and `model`)."""
+
+    model: HeadedModel
+    net: torch.nn.Module
+    site: str | None
+    head: str
+    name: str
+    seconds_to_build: float
+    _base: str
+
+    def _seconds(self, head: str) -> float:
+        """Backbone training time, plus the head's own fine-tuning time for a site head."""
+        backbone = float(self.model.head_info.get(UNIVERSAL, {}).get("seconds", 0.0))
+        own = float(self.model.head_info.get(head, {}).get("seconds", 0.0)) if head != UNIVERSAL else 0.0
+        return backbone + own
+
+    @torch.no_grad()
+    def use(self, site: str | None) -> Self:
+        """Swap in the head for `site` (see module docstring); only head tensors change."""
+        head = self.model.resolve(site)
+        params = dict(self.net.named_parameters()) | dict(self.net.named_buffers())
+        for k, v in self.model.heads[head].items():
+            params[k].copy_(v.to(params[k].device))
+        self.site, self.head = site, head
+        self.name, self.seconds_to_build = f"{self._base}[{head}]", self._seconds(head)
+        return self
+
+
+class HeadedSegmenter(_HeadSwap, NetSegmenter):
+    """A NetSegmenter over backbone + one head of a 2-D heads model; `use(site)` swaps the head in place.
 
     predict_batch: [N, C, H, W] -> [N, K, H, W] probabilities, as every Segmenter. `head` is the head in
-    use, `site` the site asked for (None: none given).
+    use, `site` the site asked for (None: none given). 3-D models: `HeadedVolumeSegmenter`.
     """
 
     def __init__(
@@ -37,6 +79,12 @@ class HeadedSegmenter(NetSegmenter):
         device: str | torch.device = "cpu",
         name: str | None = None,
     ):
+        if model.preprocessing.dims == 3:
+            raise ModelError(
+                "a 3-D heads model segments volumes",
+                "use headed_segmenter() or load_any_model()",
+                model.folder,
+            )
         head = model.resolve(site)
         self.model, self.site, self.head = model, site, head
         self._base = name or (model.folder.name if model.folder is not None else "heads")
@@ -50,22 +98,41 @@ class HeadedSegmenter(NetSegmenter):
             device=device,
         )
 
-    def _seconds(self, head: str) -> float:
-        """Backbone training time, plus the head's own fine-tuning time for a site head."""
-        backbone = float(self.model.head_info.get(UNIVERSAL, {}).get("seconds", 0.0))
-        own = float(self.model.head_info.get(head, {}).get("seconds", 0.0)) if head != UNIVERSAL else 0.0
-        return backbone + own
 
-    @torch.no_grad()
-    def use(self, site: str | None) -> HeadedSegmenter:
-        """Swap in the head for `site` (see module docstring); only head tensors change."""
-        head = self.model.resolve(site)
-        params = dict(self.net.named_parameters()) | dict(self.net.named_buffers())
-        for k, v in self.model.heads[head].items():
-            params[k].copy_(v.to(params[k].device))
-        self.site, self.head = site, head
-        self.name, self.seconds_to_build = f"{self._base}[{head}]", self._seconds(head)
-        return self
+class HeadedVolumeSegmenter(_HeadSwap, VolumeSegmenter):
+    """Backbone + one head of a 3-D heads model as a `VolumeSegmenter` (`segment_volume(image,
+    mirror)`: nnU-Net's preprocessing and sliding window, the path of plain 3-D model folders);
+    `use(site)` swaps the head in place."""
+
+    def __init__(
+        self,
+        model: HeadedModel,
+        site: str | None = None,
+        device: str | torch.device = "cpu",
+        name: str | None = None,
+    ):
+        head = model.resolve(site)
+        self.model, self.site, self.head = model, site, head
+        self._base = name or (model.folder.name if model.folder is not None else "heads")
+        seg = make_segmenter(
+            model.network(head),
+            model.spec,
+            model.tasks,
+            model.preprocessing,
+            f"{self._base}[{head}]",
+            self._seconds(head),
+            device,
+        )
+        assert isinstance(seg, VolumeSegmenter)
+        self.__dict__.update(seg.__dict__)  # the plain 3-D segmenter's state (net, pipeline, ...)
+
+
+def headed_segmenter(
+    model: HeadedModel, site: str | None = None, device: str | torch.device = "cpu", name: str | None = None
+) -> HeadedSegmenter | HeadedVolumeSegmenter:
+    """The headed Segmenter of `model` for `site`: 2-D (slices) or 3-D (volumes), as its preprocessing."""
+    cls = HeadedVolumeSegmenter if model.preprocessing.dims == 3 else HeadedSegmenter
+    return cls(model, site, device, name)
 
 
 def load_any_model(folder: str | Path, site: str | None = None, device: str = "auto") -> Segmenter:
@@ -76,7 +143,7 @@ def load_any_model(folder: str | Path, site: str | None = None, device: str = "a
     """
     folder = Path(folder)
     if is_heads_folder(folder):
-        return HeadedSegmenter(HeadedModel.load(folder), site, resolve_device(device))
+        return headed_segmenter(HeadedModel.load(folder), site, resolve_device(device))
     seg = load_model(folder, device=device)
     trained_on = read_model_json(folder).get("info", {}).get("sites")
     if site is not None and isinstance(trained_on, list) and site not in trained_on:
@@ -106,7 +173,7 @@ def evaluate_headed(
     from weightzoo.evaluate.summary import evaluate_by_site
 
     hm = model if isinstance(model, HeadedModel) else HeadedModel.load(model)
-    seg = HeadedSegmenter(hm, None, resolve_device(device))
+    seg = headed_segmenter(hm, None, resolve_device(device))
 
     def segmenter_for(site: str) -> tuple[Segmenter, str]:
         seg.use(site)
@@ -131,7 +198,8 @@ def export_head(folder: str | Path, site: str, out_dir: str | Path, nnunet: bool
 
     With `nnunet`, the same network is also written as an nnU-Net v2 results folder inside it,
     `OUT/nnUNet_results/DatasetXXX_Name/nnUNetTrainer__nnUNetPlans__2d/fold_0/checkpoint_final.pth`
-    (via weightzoo.zoo.nnunet). model.json records the source (`info.heads_model`, `info.site`).
+    (via weightzoo.zoo.nnunet); a 3-D heads model gives a 3-D model folder and `..__3d_fullres`.
+    model.json records the source (`info.heads_model`, `info.site`).
     Unlike inference, an unknown site is an error: an export is never silently the universal head.
     """
     from weightzoo.errors import UnknownNameError
@@ -141,7 +209,7 @@ def export_head(folder: str | Path, site: str, out_dir: str | Path, nnunet: bool
     hm = HeadedModel.load(folder)
     if site not in hm.heads:
         raise UnknownNameError("head", site, sorted(hm.heads), Path(folder) / HEADS_JSON)
-    seg = HeadedSegmenter(hm, site, "cpu")
+    seg = headed_segmenter(hm, site, "cpu")
     info = {
         "heads_model": str(Path(folder)),
         "site": site,

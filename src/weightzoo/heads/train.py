@@ -3,6 +3,10 @@ backbone frozen, (c) optionally a short joint unfreeze at a low learning rate; a
 new sites (`add_site`). Resumable. The machinery (MultiHeadNet, site-balanced sampling, one resumable
 phase on the nnU-Net recipe of `weightzoo.train`) is in `weightzoo.heads.phase`.
 
+3-D configs (`cfg.dims == 3`, presets tiny3d/small3d/default3d): the phases train on patches of
+preprocessed volumes (`weightzoo.volume`, loaded as `weightzoo train --dims 3` loads them), and the
+heads model stores the 3-D pipeline, so its heads segment NIfTI volumes with nnU-Net's sliding window.
+
 Heads folder (see weightzoo.heads.model) plus `.runs/<phase>/` checkpoints while a phase runs.
 heads.json `info.phases_done` lists finished phases; re-running the same command skips them.
 """
@@ -22,7 +26,7 @@ from typing import Any
 import torch
 
 from weightzoo.data.raw import RawDataset
-from weightzoo.data.slices import Preprocessing, SliceSet, load_slices
+from weightzoo.data.slices import Preprocessing, load_slices
 from weightzoo.errors import InputError, ModelError
 from weightzoo.heads.model import (
     HEADS_DIR,
@@ -38,31 +42,51 @@ from weightzoo.heads.model import (
     read_heads_json,
 )
 from weightzoo.heads.phase import (
+    Data,
     MultiHeadNet,
     PhaseResult,
-    SitePools,
     run_phase,
-    site_balanced_indices,
+    site_balanced_batch,
+    site_pools,
+    site_subset,
     val_dice,
 )
 from weightzoo.nets.unet import ArchSpec, build_network, real_state_dict
 from weightzoo.train.config import TrainConfig
 from weightzoo.train.distributed import barrier, is_writer
-from weightzoo.train.loop import slices_hash
+from weightzoo.train.loop import patch_size, slices_hash
+from weightzoo.volume.patches import VolumeSet
 
 RUNS_DIR = ".runs"
 
 
 # ---- building blocks used by the CLI and the benchmark ----------------------------------------------
-def spec_for(cfg: TrainConfig, channels: int) -> ArchSpec:
+def spec_for(cfg: TrainConfig, channels: int, spacing: tuple[float, float, float] | None = None) -> ArchSpec:
+    """The network of a run; 3-D presets are planned for patch_size(cfg) and `spacing` [z, y, x]
+    (the volumes' target spacing: a VolumeSet's `spacing`, its pipeline's)."""
+    if cfg.dims == 3:
+        return ArchSpec.preset(cfg.preset, channels, len(cfg.tasks), cfg.dropout, patch_size(cfg), spacing)
     return ArchSpec.preset(
         cfg.preset, input_channels=channels, num_classes=len(cfg.tasks), dropout=cfg.dropout
     )
 
 
+def _check_dims(train: Data, cfg: TrainConfig) -> None:
+    volumes = isinstance(train, VolumeSet)
+    if volumes != (cfg.dims == 3):
+        raise InputError(
+            f"{'3-D volumes' if volumes else '2-D slices'} were given with the {cfg.dims}-D preset '{cfg.preset}'",
+            "train 3-D presets (tiny3d, small3d, default3d) on volumes and 2-D presets on slices",
+        )
+
+
+def _data_hash(train: Data) -> str:
+    return train.data_hash() if isinstance(train, VolumeSet) else slices_hash(train)
+
+
 def train_backbone(
-    train: SliceSet,
-    val: SliceSet | None,
+    train: Data,
+    val: Data | None,
     cfg: TrainConfig,
     head_stages: int,
     run_dir: Path | None = None,
@@ -74,18 +98,23 @@ def train_backbone(
 
     The backbone does not depend on `head_stages` (it only decides where the network is cut), so one
     trained network serves every n via `HeadedModel.from_network`. Returns (None, result) if stopped.
+    `train`/`val`: SliceSets, or VolumeSets for a 3-D config (patches of patch_size(cfg)).
     """
-    spec = spec_for(cfg, train.images.shape[1])
+    _check_dims(train, cfg)
+    if isinstance(train, VolumeSet):
+        spec = spec_for(cfg, train.n_channels, train.spacing)
+    else:
+        spec = spec_for(cfg, train.images.shape[1])
     head_prefixes(spec, head_stages)  # range check before any work
     net = build_network(spec, seed=cfg.seed)
     names = head_names(spec, head_stages)
     full = real_state_dict(net)
     model = MultiHeadNet(net, {UNIVERSAL: {k: full[k] for k in names}})
     model.set_trainable(backbone=True, heads=[UNIVERSAL])
-    pools = SitePools.of(train)
+    pools = site_pools(train)
 
-    def sampler(g: torch.Generator) -> tuple[torch.Tensor, str]:
-        return site_balanced_indices(g, pools, cfg.batch_size, cfg.foreground_oversample), UNIVERSAL
+    def sampler(g: torch.Generator) -> tuple[Any, str]:
+        return site_balanced_batch(g, pools, cfg.batch_size, cfg.foreground_oversample), UNIVERSAL
 
     res = run_phase(
         model,
@@ -110,14 +139,14 @@ def train_backbone(
         {UNIVERSAL: model.head_state(UNIVERSAL)},
     )
     by_site = (
-        {s: val_dice(model, UNIVERSAL, val.where(site=s), cfg.tasks, cfg.device) for s in val.sites()}
+        {s: val_dice(model, UNIVERSAL, site_subset(val, s), cfg.tasks, cfg.device) for s in val.sites()}
         if val
         else {}
     )
     hm.head_info[UNIVERSAL] = {
         "route": "all sites",
         "sites": pools.sites,
-        "n_train_slices": len(train),
+        **({"n_train_cases": len(train)} if isinstance(train, VolumeSet) else {"n_train_slices": len(train)}),
         "steps": cfg.steps,
         "seconds": round(res.seconds, 3),
         "val_dice": val_dice(model, UNIVERSAL, val, cfg.tasks, cfg.device),
@@ -128,8 +157,8 @@ def train_backbone(
 
 def train_site_head(
     hm: HeadedModel,
-    train: SliceSet,
-    val: SliceSet | None,
+    train: Data,
+    val: Data | None,
     cfg: TrainConfig,
     name: str,
     route: str = "frozen backbone",
@@ -138,16 +167,18 @@ def train_site_head(
     progress: bool = False,
     stop_after: int | None = None,
 ) -> tuple[State | None, dict[str, Any], PhaseResult]:
-    """(b) One head on `train` (one site's slices) with the backbone frozen, starting from the
-    universal head; cfg.steps steps at cfg.learning_rate. Returns (head state, head info, result);
-    the state is None if stopped early. `hm` is not changed: add the head with `hm.set_head`."""
+    """(b) One head on `train` (one site's slices, or volumes for a 3-D model) with the backbone
+    frozen, starting from the universal head; cfg.steps steps at cfg.learning_rate. Returns (head
+    state, head info, result); the state is None if stopped early. `hm` is not changed: add the head
+    with `hm.set_head`. Volumes carry no subjects: their info lists `cases` (callers add `subjects`)."""
+    _check_dims(train, cfg)
     net = hm.network(UNIVERSAL)
     model = MultiHeadNet(net, {name: hm.heads[UNIVERSAL]})
     model.set_trainable(backbone=False, heads=[name])
-    pools = SitePools.of(train)
+    pools = site_pools(train)
 
-    def sampler(g: torch.Generator) -> tuple[torch.Tensor, str]:
-        return site_balanced_indices(g, pools, cfg.batch_size, cfg.foreground_oversample), name
+    def sampler(g: torch.Generator) -> tuple[Any, str]:
+        return site_balanced_batch(g, pools, cfg.batch_size, cfg.foreground_oversample), name
 
     res = run_phase(
         model,
@@ -164,10 +195,14 @@ def train_site_head(
     if not res.finished:
         return None, {}, res
     universal = MultiHeadNet(hm.network(UNIVERSAL), {UNIVERSAL: hm.heads[UNIVERSAL]})
+    data: dict[str, Any] = (
+        {"cases": sorted(train.cases), "n_train_cases": len(train)}
+        if isinstance(train, VolumeSet)
+        else {"subjects": sorted({m["subject"] for m in train.meta}), "n_train_slices": len(train)}
+    )
     info = {
         "route": route,
-        "subjects": sorted({m["subject"] for m in train.meta}),
-        "n_train_slices": len(train),
+        **data,
         "steps": cfg.steps,
         "lr": cfg.learning_rate,
         "seconds": round(res.seconds, 3),
@@ -179,8 +214,8 @@ def train_site_head(
 
 def joint_unfreeze(
     hm: HeadedModel,
-    train: SliceSet,
-    val: SliceSet | None,
+    train: Data,
+    val: Data | None,
     cfg: TrainConfig,
     run_dir: Path | None = None,
     identity: dict[str, Any] | None = None,
@@ -193,14 +228,14 @@ def joint_unfreeze(
     names = [UNIVERSAL, *hm.sites()]
     model = MultiHeadNet(hm.network(UNIVERSAL), {n: hm.heads[n] for n in names})
     model.set_trainable(backbone=True, heads=names)
-    pools = SitePools.of(train)
-    own = {s: SitePools.of(train, [s]) for s in hm.sites() if s in pools.sites}
+    pools = site_pools(train)
+    own = {s: site_pools(train, [s]) for s in hm.sites() if s in pools.sites}
     heads = [UNIVERSAL, *own]
 
-    def sampler(g: torch.Generator) -> tuple[torch.Tensor, str]:
+    def sampler(g: torch.Generator) -> tuple[Any, str]:
         head = heads[int(torch.randint(len(heads), (1,), generator=g))]
         p = pools if head == UNIVERSAL else own[head]
-        return site_balanced_indices(g, p, cfg.batch_size, cfg.foreground_oversample), head
+        return site_balanced_batch(g, p, cfg.batch_size, cfg.foreground_oversample), head
 
     res = run_phase(
         model,
@@ -218,7 +253,9 @@ def joint_unfreeze(
         return None, res
     out = dataclasses.replace(hm, backbone=model.backbone_state(), heads={}, head_info={})
     for n in names:
-        site_val = val if n == UNIVERSAL or val is None else (val.where(site=n) if n in val.sites() else None)
+        site_val = (
+            val if n == UNIVERSAL or val is None else (site_subset(val, n) if n in val.sites() else None)
+        )
         info = dict(hm.head_info.get(n, {}))
         info.update(
             route=info.get("route", "") + " + joint unfreeze",
@@ -270,6 +307,7 @@ def train_heads(
     """`weightzoo heads train`: (a) backbone + universal head on the train split of `sites` (default
     all), (b) a head per site (backbone frozen; head_steps default cfg.steps // 10, lr default
     cfg's), (c) `unfreeze_steps` > 0: joint unfreeze at lr · unfreeze_lr_factor. Validation: val split.
+    A 3-D config (cfg.dims == 3) trains on volumes, preprocessed as `weightzoo train --dims 3` does.
 
     Re-running the same call skips finished phases and resumes an interrupted one. `stop_after`
     stops the call (as if killed) once it has run that many steps, over all phases (tests).
@@ -293,8 +331,17 @@ def train_heads(
     train_cases, val_cases = ds.cases_in("train", sites), ds.cases_in("val", sites)
     if not train_cases:
         raise InputError(f"no training cases for sites {sites}", "check the dataset's splits", ds.root)
-    train = load_slices(ds, cfg.tasks, prep=prep, cases=train_cases)
-    val = load_slices(ds, cfg.tasks, prep=prep, cases=val_cases) if val_cases else None
+    train: Data
+    val: Data | None
+    if cfg.dims == 3:
+        from weightzoo.volume.data import load_volumes, volume_preprocessing
+
+        prep = volume_preprocessing(ds, cfg, train_cases)
+        train = load_volumes(ds, cfg.tasks, train_cases, prep)
+        val = load_volumes(ds, cfg.tasks, val_cases, prep) if val_cases else None
+    else:
+        train = load_slices(ds, cfg.tasks, prep=prep, cases=train_cases)
+        val = load_slices(ds, cfg.tasks, prep=prep, cases=val_cases) if val_cases else None
     head_cfg = dataclasses.replace(cfg, steps=head_steps, lr=head_lr if head_lr is not None else cfg.lr)
     identity = json.loads(
         json.dumps(
@@ -305,7 +352,7 @@ def train_heads(
                 "unfreeze_steps": unfreeze_steps,
                 "unfreeze_lr_factor": unfreeze_lr_factor,
                 "sites": sites,
-                "data_hash": slices_hash(train),
+                "data_hash": _data_hash(train),
             }
         )
     )
@@ -376,11 +423,12 @@ def train_heads(
             return stopped()
         phases.append(phase)
         log(f"(b) head for site {site} (backbone frozen): {head_steps} steps")
-        site_val = val.where(site=site) if val is not None and site in val.sites() else None
+        site_val = site_subset(val, site) if val is not None and site in val.sites() else None
         bb = {**identity, "backbone_hash": hm.backbone_hash}
+        site_train = site_subset(train, site)
         state, info, res = train_site_head(
             hm,
-            train.where(site=site),
+            site_train,
             site_val,
             head_cfg,
             site,
@@ -393,6 +441,8 @@ def train_heads(
         if state is None:
             return stopped()
         left = None if left is None else left - res.steps_run
+        if isinstance(site_train, VolumeSet):
+            info["subjects"] = sorted({ds.subject(c) for c in site_train.cases})
         hm.set_head(site, state, info)
         hm.info["phases_done"] = done = [*done, phase]
         if is_writer():
@@ -480,9 +530,17 @@ def add_site(
         )
     subjects = pick_subjects(ds, site, shots, seed)
     cases = [c for c in ds.cases_in("train", [site]) if ds.subject(c) in set(subjects)]
-    train = load_slices(ds, hm.tasks, prep=hm.preprocessing, cases=cases)
     val_cases = ds.cases_in("val", [site])
-    val = load_slices(ds, hm.tasks, prep=hm.preprocessing, cases=val_cases) if val_cases else None
+    train: Data
+    val: Data | None
+    if hm.preprocessing.dims == 3:  # the model's own pipeline: the new site is resampled to its spacing
+        from weightzoo.volume.data import load_volumes
+
+        train = load_volumes(ds, hm.tasks, cases, hm.preprocessing)
+        val = load_volumes(ds, hm.tasks, val_cases, hm.preprocessing) if val_cases else None
+    else:
+        train = load_slices(ds, hm.tasks, prep=hm.preprocessing, cases=cases)
+        val = load_slices(ds, hm.tasks, prep=hm.preprocessing, cases=val_cases) if val_cases else None
     base = TrainConfig.from_dict(hm.info["config"]) if "config" in hm.info else TrainConfig(tasks=hm.tasks)
     cfg = dataclasses.replace(
         base,
@@ -495,7 +553,7 @@ def add_site(
         "subjects": subjects,
         "config": cfg.identity(),
         "backbone_hash": hm.backbone_hash,
-        "data_hash": slices_hash(train),
+        "data_hash": _data_hash(train),
     }
     run_dir = _run_dir(model_dir, f"add-{name}")
     if not resume:
@@ -506,6 +564,8 @@ def add_site(
     )
     if state is None:
         return HeadsResult(None, model_dir, False, [f"add-{name}"], time.perf_counter() - t0)
+    if isinstance(train, VolumeSet):
+        info["subjects"] = subjects
     info.update(dataset=ds.name, dataset_site=site, shots=shots)
     hm.set_head(name, state, info)
     hm.save_head(model_dir, name)

@@ -561,15 +561,10 @@ def train_model(
     all_train_cases = train_cases
     train_cases = shard_cases(train_cases, by, dist)
     if cfg.dims == 3:
-        from weightzoo.volume.data import load_volumes, median_spacing, training_pipeline
+        from weightzoo.volume.data import load_volumes, volume_preprocessing
 
-        # nnU-Net order [z, y, x]; the median over all training cases, so every rank plans alike
-        spacing = tuple(reversed(cfg.spacing)) if cfg.spacing else median_spacing(ds, all_train_cases)
-        spec = ArchSpec.preset(
-            cfg.preset, ds.n_channels, len(cfg.tasks), cfg.dropout, patch_size(cfg), spacing
-        )
-        pipe = training_pipeline(ds, cfg.tasks, spec, patch_size(cfg), spacing, cfg.normalization)
-        prep = Preprocessing(cfg.normalization, tuple(cfg.size), cfg.axis, ds.n_channels, 3, pipe.to_dict())
+        # the median spacing over all training cases, so every rank plans alike
+        prep = volume_preprocessing(ds, cfg, all_train_cases)
         train: SliceSet | VolumeSet = load_volumes(ds, cfg.tasks, train_cases, prep)
         val: SliceSet | VolumeSet | None = load_volumes(ds, cfg.tasks, val_cases, prep) if val_cases else None
     else:

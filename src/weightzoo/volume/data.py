@@ -13,6 +13,7 @@ uses; labels become one binary mask per task.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -23,6 +24,9 @@ from weightzoo.errors import InputError
 from weightzoo.nets.unet import ArchSpec
 from weightzoo.volume.patches import VolumeSet
 from weightzoo.volume.preprocess import VolumePipeline, preprocess_case, read_nnunet_order
+
+if TYPE_CHECKING:
+    from weightzoo.train.config import TrainConfig
 
 CONFIGURATION = "3d_fullres"
 # our Preprocessing.normalization -> nnU-Net's scheme, for 3-D runs (exact equivalents only)
@@ -68,6 +72,19 @@ def training_pipeline(
 def median_spacing(ds: RawDataset, cases: Sequence[str]) -> tuple[float, float, float]:
     """nnU-Net's default target spacing for 3d_fullres: the median of the training cases' spacings."""
     return tuple(float(v) for v in np.median([case_spacing(ds, c) for c in cases], axis=0))  # type: ignore[return-value]
+
+
+def volume_preprocessing(ds: RawDataset, cfg: TrainConfig, train_cases: Sequence[str]) -> Preprocessing:
+    """The Preprocessing of a 3-D run (dims 3, with its `training_pipeline`): target spacing =
+    cfg.spacing (given in voxel order [i, j, k]) or the median over `train_cases`; the preset planned
+    for the patch and that spacing. The pipeline's `spacing` is what the run's ArchSpec is planned for."""
+    from weightzoo.train.loop import patch_size
+
+    patch = patch_size(cfg)  # nnU-Net order [z, y, x]
+    spacing = tuple(reversed(cfg.spacing)) if cfg.spacing else median_spacing(ds, train_cases)
+    spec = ArchSpec.preset(cfg.preset, ds.n_channels, len(cfg.tasks), cfg.dropout, patch, spacing)
+    pipe = training_pipeline(ds, cfg.tasks, spec, patch, spacing, cfg.normalization)
+    return Preprocessing(cfg.normalization, tuple(cfg.size), cfg.axis, ds.n_channels, 3, pipe.to_dict())
 
 
 def load_volumes(
