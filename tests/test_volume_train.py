@@ -244,3 +244,28 @@ def test_3d_export_round_trip_is_bit_exact_and_the_zoo_runs_it(volumes: RawDatas
     out = tmp_path / "seg.nii.gz"
     assert cli(["segment", "-i", image.path, "-m", f"{tmp_path / 'zoo'}:{ckpt}", "-o", out]) == 0
     assert nib.load(str(out)).shape == nib.load(str(image.path)).shape
+
+
+def test_tiny_3d_zoo_builds_verifies_and_exports(volumes: RawDataset, tmp_path: Path) -> None:
+    from weightzoo.zoo.build import build_zoo
+    from weightzoo.zoo.exchange import export_checkpoint
+    from weightzoo.zoo.store import Zoo
+
+    grid = {"tasks": [["cord"]], "sites": "all", "seeds": [0, 1], "preset": "tiny3d", "size": [32, 32, 8],
+            "steps": 4, "batch_size": 2, "optimizer": "adam", "checkpoints": 1}  # fmt: skip
+    res = build_zoo(volumes, grid, tmp_path / "zoo", device="cpu", progress=False, log=lambda s: None)
+    assert res.runs_trained == 2 and res.checkpoints_committed == 6 and res.modes == {"sequential": 2}
+    with Zoo(tmp_path / "zoo") as z:
+        assert z.verify().ok
+        (spec,) = [z.spec(h) for h in z.arch_hashes()]
+        final = [c for c in z.checkpoints() if c.step == 4]
+        assert (
+            spec.dims == 3
+            and len(final) == 2
+            and all(c.metric("val_dice", "cord") is not None for c in final)
+        )
+        ckpt = final[0].ckpt_id
+    again = build_zoo(volumes, grid, tmp_path / "zoo", device="cpu", progress=False, log=lambda s: None)
+    assert again.runs_skipped == 2 and again.checkpoints_committed == 0  # resumable: nothing left to do
+    pth = export_checkpoint(tmp_path / "zoo", ckpt, tmp_path / "results")
+    assert pth.parent.parent.name == "nnUNetTrainer__nnUNetPlans__3d_fullres"

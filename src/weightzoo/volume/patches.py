@@ -24,19 +24,6 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from weightzoo.train.augment import (
-    BRIGHTNESS,
-    CONTRAST,
-    GAMMA,
-    NOISE_VARIANCE,
-    SCALE,
-    _below_or_above_one,
-    _contrast,
-    _gamma,
-    _on,
-    _uniform,
-)
-
 
 @dataclass
 class VolumeSet:
@@ -65,6 +52,20 @@ class VolumeSet:
 
     def sites(self) -> list[str]:
         return sorted(set(self.case_sites))
+
+    def select(self, cases: Sequence[int], task_cols: Sequence[int]) -> VolumeSet:
+        """Some cases, and some task channels (in the given order)."""
+        cols = list(task_cols)
+        return VolumeSet(
+            [self.images[i] for i in cases],
+            [np.ascontiguousarray(self.labels[i][cols]) for i in cases],
+            [self.cases[i] for i in cases],
+            [self.case_sites[i] for i in cases],
+            [self.tasks[k] for k in cols],
+            self.spacing,
+            self.preprocessing,
+            [[self._fg[i][k] for k in cols] for i in cases],
+        )
 
     def has_foreground(self) -> list[bool]:
         """Per task: does any case hold foreground?"""
@@ -177,6 +178,20 @@ def augment_volumes(
     """Augment images [B, C, z, y, x] and binary labels [B, K, z, y, x]; new tensors, same dtypes.
     `strength` in [0, 1] scales every probability (0: off). Draws come from `generator` (CPU) in a
     fixed order and count, so a batch's augmentation depends only on the generator's state."""
+    # imported here: weightzoo.train imports this module (VolumeSet), so a module-level import would cycle
+    from weightzoo.train.augment import (
+        BRIGHTNESS,
+        CONTRAST,
+        GAMMA,
+        NOISE_VARIANCE,
+        SCALE,
+        _below_or_above_one,
+        _contrast,
+        _gamma,
+        _on,
+        _uniform,
+    )
+
     b, c = images.shape[:2]
     shape = tuple(images.shape[2:])
     fire = torch.rand(b, len(PROB_3D), generator=generator) < torch.tensor(list(PROB_3D.values())) * strength

@@ -80,8 +80,9 @@ def group_key(plan: RunPlan, input_channels: int) -> tuple:
 
 
 def batchable(plan: RunPlan) -> bool:
-    """Dropout runs train sequentially (their masks come from the global RNG, per run)."""
-    return plan.config.dropout == 0.0
+    """Dropout runs train sequentially (their masks come from the global RNG, per run), and so do
+    3-D runs (patches of whole volumes; the batched trainer stacks 2-D slices)."""
+    return plan.config.dropout == 0.0 and plan.config.dims == 2
 
 
 @dataclass

@@ -13,6 +13,7 @@ earlier when the buffers of all runs exceed `max_buffer_mb`.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -25,6 +26,7 @@ from weightzoo.data.raw import RawDataset
 from weightzoo.data.slices import Preprocessing
 from weightzoo.errors import InputError, ModelError
 from weightzoo.segmenter import resolve_device
+from weightzoo.train.config import TrainConfig
 from weightzoo.train.loop import progress_bar
 from weightzoo.zoo.batched import batchable, choose_mode, group_key, train_batched
 from weightzoo.zoo.grid import Grid, RunPlan, cached_base, load_grid
@@ -90,6 +92,30 @@ class CheckpointWriter:
     def flush(self) -> None:
         for rid in list(self.buffers):
             self._flush(rid, done=False)
+
+
+def data_preprocessing(ds: RawDataset, plans: list[RunPlan]) -> tuple[list[RunPlan], Preprocessing]:
+    """The zoo's one Preprocessing; for 3-D grids nnU-Net's pipeline, planned once for all runs: the
+    target spacing (the median over the train cases of all the grid's sites, unless the grid gives one)
+    is written into every run's config, so every run plans the same ArchSpec."""
+    c0 = plans[0].config
+    if c0.dims != 3:
+        return plans, Preprocessing(c0.normalization, tuple(c0.size), c0.axis, ds.n_channels)
+    from weightzoo.volume.data import volume_preprocessing
+
+    if len({(p.config.preset, p.config.size, p.config.spacing, p.config.normalization) for p in plans}) > 1:
+        raise InputError(
+            "a 3-D grid varies the preset, patch size, spacing or normalization",
+            "build one zoo per 3-D architecture (its preprocessing is planned once)",
+        )
+    sites = sorted({s for p in plans for s in p.sites})
+    prep = volume_preprocessing(ds, c0, ds.cases_in("train", sites))
+    spacing = list(reversed(prep.pipeline["spacing"]))  # type: ignore[index]  # voxel order, as configs
+    fixed = [
+        dataclasses.replace(p, config=TrainConfig.from_dict({**p.config.to_dict(), "spacing": spacing}))
+        for p in plans
+    ]
+    return fixed, prep
 
 
 def register_plans(zoo: Zoo, ds: RawDataset, plans: list[RunPlan], prep: Preprocessing) -> None:
@@ -162,7 +188,7 @@ def train_group(
     log: Callable[[str], None] | None = None,
 ) -> str:
     """Train one group batched or sequentially (mode auto|batched|sequential); returns the mode used."""
-    spec = group[0].spec(datas[0].x.shape[1])
+    spec = group[0].spec(datas[0].channels)
     cfg = group[0].config
     chosen = (
         choose_mode(spec, cfg.batch_size, cfg.size, len(group), device, mode, log, cfg.steps)
@@ -212,8 +238,7 @@ def build_zoo(
     plans = g.expand(ds)
     if not plans:
         raise InputError("the grid plans no runs", "give tasks, sites and seeds", g.source)
-    c0 = plans[0].config
-    prep = Preprocessing(c0.normalization, tuple(c0.size), c0.axis, ds.n_channels)
+    plans, prep = data_preprocessing(ds, plans)
     dev = resolve_device(device)
     with Zoo(zoo_path, create=True, writable=True, dtype=dtype, shard=shard) as zoo:
         register_plans(zoo, ds, plans, prep)

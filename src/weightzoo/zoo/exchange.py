@@ -150,6 +150,18 @@ def export_checkpoint(
                 )
             prep = run.info.get("preprocessing", {})
             name = run.dataset or "Dataset999_weightzoo"
+            if prep.get("dims") == 3:  # a 3-D run: its pipeline's plans, as for a 3-D model folder
+                from weightzoo.data.slices import Preprocessing
+
+                desc = {
+                    "name": name,
+                    "channel_names": src.get("channel_names"),
+                    "task_labels": tasks,
+                    "file_ending": src.get("file_ending"),
+                }
+                return export_network(
+                    out_dir, spec, state, run.tasks, Preprocessing.from_dict(prep), desc, info, overwrite
+                )
             djson = nnunet_dataset_json(
                 src.get("channel_names", {"0": "image"}),
                 {t: tasks[t] for t in run.tasks},

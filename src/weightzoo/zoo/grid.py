@@ -102,6 +102,9 @@ class RunPlan:
         c = self.config
         if self.base_path is not None:
             return cached_base(self.base_path).spec.with_classes(len(self.tasks))
+        if c.dims == 3:  # planned for the patch and the spacing the build fixed (weightzoo.zoo.build)
+            zyx = tuple(reversed(c.spacing)) if c.spacing else None
+            return ArchSpec.preset(c.preset, input_channels, len(self.tasks), c.dropout, c.size[::-1], zyx)
         return ArchSpec.preset(c.preset, input_channels, len(self.tasks), c.dropout)
 
     def to_dict(self) -> dict[str, Any]:

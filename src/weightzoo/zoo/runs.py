@@ -42,6 +42,7 @@ from weightzoo.train.loop import (
     train_step,
 )
 from weightzoo.train.losses import DiceBCELoss, dice_counts, dice_from_counts
+from weightzoo.volume.patches import Patches, VolumeSet, augment_volumes
 from weightzoo.zoo.base import start_network
 from weightzoo.zoo.grid import RunPlan, cached_base
 from weightzoo.zoo.store import PendingCheckpoint
@@ -78,13 +79,15 @@ class ZooData:
     """The slices every planned run needs, loaded once: all train-split and val-split slices of the
     runs' sites, with one label channel per task of ANY run (`tasks`). Runs select rows and columns."""
 
-    train: SliceSet
-    val: SliceSet | None
+    train: SliceSet | VolumeSet
+    val: SliceSet | VolumeSet | None
     tasks: list[str]
     _cache: dict[tuple, RunData] = field(default_factory=dict, repr=False, compare=False)
 
-    def run_data(self, plan: RunPlan, device: torch.device) -> RunData:
+    def run_data(self, plan: RunPlan, device: torch.device) -> RunData | VolumeRunData:
         """The run's RunData; runs with the same sites and tasks share one copy of the tensors."""
+        if isinstance(self.train, VolumeSet):
+            return VolumeRunData.make(plan, *self.for_run(plan), device)  # type: ignore[arg-type]
         key = (plan.sites, plan.tasks, str(device))
         if key not in self._cache:
             self._cache[key] = RunData.make(plan, *self.for_run(plan), device)
@@ -98,13 +101,17 @@ class ZooData:
             _eval_idx(plan, len(shared.train)),
         )
 
-    def for_run(self, plan: RunPlan) -> tuple[SliceSet, SliceSet | None]:
-        """The run's training and validation slices, in `load_slices(ds, plan.tasks, cases=...)` order."""
+    def for_run(self, plan: RunPlan) -> tuple[Any, Any]:
+        """The run's training and validation slices (or volumes), in `load_slices(ds, plan.tasks,
+        cases=...)` order."""
         cols = [self.tasks.index(t) for t in plan.tasks]
 
-        def pick(s: SliceSet | None) -> SliceSet | None:
+        def pick(s: Any) -> Any:
             if s is None:
                 return None
+            if isinstance(s, VolumeSet):
+                keep = [i for i, site in enumerate(s.case_sites) if site in plan.sites]
+                return s.select(keep, cols) if keep else None
             idx = [i for i, m in enumerate(s.meta) if m["site"] in plan.sites]
             if not idx:
                 return None
@@ -133,6 +140,11 @@ def load_zoo_data(ds: RawDataset, plans: Iterable[RunPlan], prep: Preprocessing)
     if not train_cases:
         raise InputError(f"no training cases for sites {sites}", "check the dataset's splits", ds.root)
     val_cases = ds.cases_in("val", sites)
+    if prep.dims == 3:  # whole preprocessed volumes; runs draw patches (weightzoo.volume)
+        from weightzoo.volume.data import load_volumes
+
+        vol = load_volumes(ds, tasks, train_cases, prep)
+        return ZooData(vol, load_volumes(ds, tasks, val_cases, prep) if val_cases else None, tasks)
     train = load_slices(ds, tasks, prep=prep, cases=train_cases)
     val = load_slices(ds, tasks, prep=prep, cases=val_cases) if val_cases else None
     return ZooData(train, val, tasks)
@@ -163,6 +175,40 @@ class RunData:
             _eval_idx(plan, len(train)),
         )
 
+    @property
+    def channels(self) -> int:
+        return int(self.x.shape[1])
+
+
+@dataclass
+class VolumeRunData:
+    """A 3-D run's data: its volumes (patches are drawn per step), a fixed subset of training patches
+    for the train loss, and fixed validation patches (nnU-Net's pseudo Dice is on patches too)."""
+
+    train: VolumeSet
+    val: Patches | None
+    train_eval: Patches
+    patch: tuple[int, ...]  # [z, y, x]
+    device: torch.device
+
+    @classmethod
+    def make(
+        cls, plan: RunPlan, train: VolumeSet, val: VolumeSet | None, device: torch.device
+    ) -> VolumeRunData:
+        patch = tuple(reversed(plan.config.size))
+        per_case = max(1, TRAIN_EVAL_SLICES // (8 * len(train)))  # a few patches per case, from the seed
+        return cls(
+            train,
+            val.validation_patches(patch) if val is not None else None,
+            train.validation_patches(patch, per_case=per_case, seed=plan.seed),
+            patch,
+            device,
+        )
+
+    @property
+    def channels(self) -> int:
+        return self.train.n_channels
+
 
 def _eval_idx(plan: RunPlan, n: int) -> np.ndarray:
     """The run's fixed training subset for the train loss: up to 64 slices drawn from its seed."""
@@ -170,9 +216,17 @@ def _eval_idx(plan: RunPlan, n: int) -> np.ndarray:
     return np.sort(rng.choice(n, size=min(n, TRAIN_EVAL_SLICES), replace=False))
 
 
-def draw_batch(plan: RunPlan, data: RunData, step: int) -> tuple[torch.Tensor, torch.Tensor, AugmentDraws]:
-    """The run's batch at `step` before augmentation, and its augmentation draws (as train_on_slices)."""
+def draw_batch(
+    plan: RunPlan, data: RunData | VolumeRunData, step: int
+) -> tuple[torch.Tensor, torch.Tensor, AugmentDraws | torch.Generator]:
+    """The run's batch at `step` before augmentation, and its augmentation draws (as train_on_slices;
+    for a 3-D run the augmentation's generator, as its draws are made while augmenting)."""
     cfg = plan.config
+    if isinstance(data, VolumeRunData):
+        x, y = data.train.sample(
+            step_generator(cfg.seed, step, STREAM_DATA), cfg.batch_size, data.patch, cfg.foreground_oversample
+        )
+        return x.to(data.device), y.to(data.device), step_generator(cfg.seed, step, STREAM_AUGMENT)
     idx = sample_indices(
         step_generator(cfg.seed, step, STREAM_DATA),
         len(data.train),
@@ -229,8 +283,31 @@ def checkpoint_scores(
     return out
 
 
-def eval_inputs(data: RunData) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+def augment_drawn(
+    x: torch.Tensor, y: torch.Tensor, draws: AugmentDraws | torch.Generator, strength: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Apply what `draw_batch` drew: 2-D draws, or 3-D augmentation from its generator."""
+    if isinstance(draws, torch.Generator):
+        return augment_volumes(x, y, strength, draws)
+    return apply_augmentation(x, y, draws)
+
+
+def eval_inputs(
+    data: RunData | VolumeRunData,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """(x, y) of the run's fixed training subset and (x, y) of its validation slices (None if none)."""
+    if isinstance(data, VolumeRunData):
+        tx, ty = (
+            torch.as_tensor(a).to(data.device) for a in (data.train_eval.images, data.train_eval.labels)
+        )
+        if data.val is None:
+            return tx, ty, None, None
+        return (
+            tx,
+            ty,
+            torch.as_tensor(data.val.images).to(data.device),
+            torch.as_tensor(data.val.labels).to(data.device),
+        )
     device = data.x.device
     idx = torch.from_numpy(data.eval_idx).to(device)
     if data.val is None or not len(data.val):
@@ -246,13 +323,13 @@ def eval_inputs(data: RunData) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor
 @torch.no_grad()
 def evaluate_checkpoint(
     forward: Callable[[torch.Tensor], torch.Tensor],
-    data: RunData,
+    data: RunData | VolumeRunData,
     tasks: list[str],
     loss_fn: DiceBCELoss,
     amp_dtype: torch.dtype | None = None,
 ) -> dict[str, Any]:
     """`checkpoint_scores` of the weights `forward` computes with (x [N, C, H, W] -> logits)."""
-    device = data.x.device
+    device = data.device if isinstance(data, VolumeRunData) else data.x.device
 
     def logits(x: torch.Tensor) -> torch.Tensor:
         with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
@@ -281,7 +358,7 @@ def pending(
 
 def train_sequential(
     plan: RunPlan,
-    data: RunData,
+    data: RunData | VolumeRunData,
     device: torch.device,
     sink: Sink,
     skip: Iterable[int] = (),
@@ -296,7 +373,7 @@ def train_sequential(
     if not save:
         return
     t0 = time.perf_counter()
-    spec = plan.spec(data.x.shape[1])
+    spec = plan.spec(data.channels)
     with determinism(device, cfg.deterministic):
         base = cached_base(plan.base_path) if plan.base_path else None
         net = start_network(spec, cfg.seed, base, plan.tasks, cfg.trainable).to(device)
@@ -324,7 +401,7 @@ def train_sequential(
             with phase("draw"):
                 x, y, draws = draw_batch(plan, data, step)
             with phase("augment"):
-                xb, yb = apply_augmentation(x, y, draws)
+                xb, yb = augment_drawn(x, y, draws, cfg.augment)
                 if cfg.channels_last:
                     xb = xb.contiguous(memory_format=torch.channels_last)
             torch.manual_seed(step_seed(cfg.seed, step, STREAM_TORCH))  # dropout, as train_on_slices
