@@ -269,3 +269,19 @@ def test_tiny_3d_zoo_builds_verifies_and_exports(volumes: RawDataset, tmp_path: 
     assert again.runs_skipped == 2 and again.checkpoints_committed == 0  # resumable: nothing left to do
     pth = export_checkpoint(tmp_path / "zoo", ckpt, tmp_path / "results")
     assert pth.parent.parent.name == "nnUNetTrainer__nnUNetPlans__3d_fullres"
+
+
+@pytest.mark.realdata
+def test_3d_segment_of_sct_t2_keeps_shape_affine_and_orientation(
+    volumes: RawDataset, sct_data: Path, tmp_path: Path
+) -> None:
+    """The issue's goal on the real SCT t2.nii.gz (PSR on disk): the output lies exactly on its grid."""
+    t2 = sct_data / "t2" / "t2.nii.gz"
+    model = tmp_path / "m"
+    train_model(volumes, tiny3d(steps=2), model, progress=False)
+    out = tmp_path / "t2_cord.nii.gz"
+    assert cli(["segment", "-i", t2, "-m", model, "-o", out, "-thr", "0"]) == 0
+    a, b = nib.load(str(t2)), nib.load(str(out))
+    assert b.shape == a.shape and np.array_equal(b.affine, a.affine)
+    assert nib.aff2axcodes(b.affine) == nib.aff2axcodes(a.affine) == ("P", "S", "R")
+    assert np.isfinite(np.asarray(b.dataobj)).all()

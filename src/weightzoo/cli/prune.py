@@ -87,7 +87,7 @@ def run(
     Killed during fine-tuning? Run the same command again: it resumes.
     """
     from weightzoo.errors import InputError
-    from weightzoo.nets.unet import require_plain_unet
+    from weightzoo.nets.unet import require_2d, require_plain_unet
     from weightzoo.prune.model import PruneRecipe, prune_and_finetune
     from weightzoo.segmenter import load_model
 
@@ -108,6 +108,7 @@ def run(
         )
     seg = load_model(model, "cpu")
     require_plain_unet(seg.spec, "pruning", model)
+    require_2d(seg.spec, "pruning", model)
     train = val = None
     record: dict[str, Any] = {}
     if dataset is not None:
@@ -147,7 +148,7 @@ def bench(
 ) -> None:
     """Every method × target × seed with one fine-tuning budget: a table, curves and report.html."""
     from weightzoo.errors import InputError, UnknownNameError
-    from weightzoo.nets.unet import require_plain_unet
+    from weightzoo.nets.unet import require_2d, require_plain_unet
     from weightzoo.prune.bench import plan_cells, run_bench
     from weightzoo.prune.model import METHODS, PruneRecipe
     from weightzoo.prune.report import markdown_table, write_report
@@ -162,6 +163,7 @@ def bench(
         raise InputError(f"--seeds {seeds} is not ≥ 1", "give e.g. --seeds 3")
     seg = load_model(model, "cpu")
     require_plain_unet(seg.spec, "pruning", model)
+    require_2d(seg.spec, "pruning", model)
     train, val, test, ds, _ = _data(model, seg, dataset)
     if test is None:
         raise InputError("the dataset has no test cases for the model's sites", "check its splits", ds.root)

@@ -30,7 +30,13 @@ from weightzoo.errors import InputError, ModelError, UnknownNameError
 from weightzoo.generate.diffusion import ParamDiffusion, ddim_sample
 from weightzoo.generate.train import GEN_WEIGHTS, Scales, build_model, read_generator_json, read_state
 from weightzoo.generate.vectors import TaskLayout
-from weightzoo.nets.unet import build_network, load_real_state_dict, real_state_dict, require_plain_unet
+from weightzoo.nets.unet import (
+    build_network,
+    load_real_state_dict,
+    real_state_dict,
+    require_2d,
+    require_plain_unet,
+)
 from weightzoo.segmenter import NetSegmenter, resolve_device, save_model
 
 RMS_MARGIN = 2.0  # a generated tensor's RMS may lie in [zoo min / margin, zoo max · margin]
@@ -66,6 +72,7 @@ class Start:
         meta = read_model_json(folder)
         seg = load_model(folder, "cpu")
         require_plain_unet(seg.spec, "weight generation", folder)
+        require_2d(seg.spec, "weight generation", folder)
         final = (meta.get("info") or {}).get("final") or {}
         dice = {t: float(v) for t, v in (final.get("val_dice") or {}).items() if v is not None}
         return cls(state=real_state_dict(seg.net), tasks=list(seg.tasks), dice=dice, source=f"model:{folder}")

@@ -142,6 +142,10 @@ def train_hyper(
     The same call again resumes an interrupted run, or does nothing for a finished one.
     """
     ds = ds if isinstance(ds, RawDataset) else RawDataset.open(ds)
+    if cfg.dims != 2:
+        raise InputError(
+            f"hypernetworks are 2-D; preset {cfg.preset} is 3-D", "use a 2-D preset (tiny, small, default)"
+        )
     out = Path(out_dir)
     for t in cfg.tasks:
         ds.task_labels(t)

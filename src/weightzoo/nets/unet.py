@@ -365,6 +365,17 @@ def require_plain_unet(spec: ArchSpec, what: str, source: str | Path | None = No
         )
 
 
+def require_2d(spec: ArchSpec, what: str, source: str | Path | None = None) -> None:
+    """A one-line ModelError for a 3-D network in a route that is 2-D only (generation, soups of bases,
+    pruning, hypernetworks, uncertainty sampling): train, segment, evaluate, zoo and heads take 3-D."""
+    if spec.dims != 2:
+        raise ModelError(
+            f"{what} works on 2-D networks; this one is 3-D",
+            "use train, segment, evaluate, the zoo or site heads for 3-D models (docs/models.md)",
+            source,
+        )
+
+
 class _null:
     def __enter__(self) -> None:
         return None

@@ -178,6 +178,10 @@ def make_source(
     needs the zoo folder, the site, and one task (`task`, or the model's only one); its samples are
     that task's, in the model's preprocessing."""
     kind, n = parse_source(spec)
+    if hasattr(seg, "segment_volume"):  # 3-D: the sources sample 2-D slices
+        from weightzoo.nets.unet import require_2d
+
+        require_2d(seg.spec, "--uncertainty", seg.name)
     if kind == "mc":
         return MCDropout(seg, n, seed), seg
     if kind == "tta":

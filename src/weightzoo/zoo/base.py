@@ -40,6 +40,7 @@ from weightzoo.nets.unet import (
     build_network,
     check_state_dict,
     load_real_state_dict,
+    require_2d,
     require_plain_unet,
 )
 from weightzoo.train.config import TRAINABLE
@@ -114,6 +115,7 @@ def load_base(folder: str | Path) -> BaseNet:
     folder = Path(folder)
     meta = read_model_json(folder)
     require_plain_unet(ArchSpec.from_dict(meta["arch"], folder), "a base", folder)
+    require_2d(ArchSpec.from_dict(meta["arch"], folder), "a base", folder)
     wpath = folder / MODEL_WEIGHTS
     try:
         weights = wpath.read_bytes()
