@@ -119,22 +119,9 @@ def register(app: typer.Typer) -> None:
         lr: float = typer.Option(None, help="Backbone learning rate. (default: 1e-2 sgd)"),
         seed: int = options.SEED,
         size: int = options.SIZE,
-        dims: int = typer.Option(
-            None,
-            "--dims",
-            help="3: a 3-D backbone and heads (3d_fullres-like) on patches of whole volumes; the preset "
-            "becomes its 3-D twin (small -> small3d). (default: 2, slices)",
-        ),
-        patch: str = typer.Option(
-            None,
-            "--patch",
-            help="3-D patch in the NIfTI's voxel axes, e.g. 64,64,32 (the last = along the slices). (default: 64,64,64)",
-        ),
-        spacing: str = typer.Option(
-            None,
-            "--spacing",
-            help="3-D target spacing in mm in the voxel axes, e.g. 0.8,0.8,3. (default: the training cases' median)",
-        ),
+        dims: int = options.DIMS,
+        patch: str = options.PATCH,
+        spacing: str = options.SPACING,
         device: str = options.DEVICE,
         config: Path = options.CONFIG,
         resume: bool = options.RESUME,

@@ -16,6 +16,24 @@ DEVICE = typer.Option(None, help="auto | cpu | cuda. (default: auto)")
 CONFIG = typer.Option(None, "--config", "-c", help="YAML/JSON training config; options override it.")
 RESUME = typer.Option(True, "--resume/--no-resume", help="Continue an interrupted run.")
 PROGRESS = typer.Option(True, "--progress/--no-progress", help="Show progress bars.")
+# 3-D training (weightzoo.cli.train.volume_options turns them into config keys)
+DIMS = typer.Option(
+    None,
+    "--dims",
+    help="3: a 3-D nnU-Net (3d_fullres-like) trained on patches of whole volumes; the preset becomes "
+    "its 3-D twin (small -> small3d). (default: 2, slices)",
+)
+PATCH = typer.Option(
+    None,
+    "--patch",
+    help="3-D patch in the NIfTI's voxel axes, e.g. 64,64,32 (the last = along the slices). (default: 64,64,64)",
+)
+SPACING = typer.Option(
+    None,
+    "--spacing",
+    help="3-D target spacing in mm in the voxel axes, e.g. 0.8,0.8,3; cases are resampled to it by "
+    "nnU-Net's rules. (default: the training cases' median)",
+)
 
 
 # ---- data-parallel training under torchrun (weightzoo.train.distributed) ----------------------------

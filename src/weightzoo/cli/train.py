@@ -8,6 +8,7 @@ from typing import Any
 import typer
 from rich.console import Console
 
+from weightzoo.cli import options
 from weightzoo.cli.options import distributed_options
 
 console = Console(highlight=False)
@@ -84,23 +85,9 @@ def register(app: typer.Typer) -> None:
         seed: int = typer.Option(None, help="Random seed; same seed, same weights. (default: 0)"),
         augment: float = typer.Option(None, help="Augmentation strength in [0, 1]; 0 = off. (default: 1)"),
         size: int = typer.Option(None, help="Slices are resized to SIZE x SIZE pixels. (default: 64)"),
-        dims: int = typer.Option(
-            None,
-            "--dims",
-            help="3: train a 3-D nnU-Net (3d_fullres-like) on patches of whole volumes; the preset "
-            "becomes its 3-D twin (small -> small3d). (default: 2, slices)",
-        ),
-        patch: str = typer.Option(
-            None,
-            "--patch",
-            help="3-D patch in the NIfTI's voxel axes, e.g. 64,64,32 (the last = along the slices). (default: 64,64,64)",
-        ),
-        spacing: str = typer.Option(
-            None,
-            "--spacing",
-            help="3-D target spacing in mm in the voxel axes, e.g. 0.8,0.8,3; cases are resampled to it "
-            "by nnU-Net's rules. (default: the training cases' median)",
-        ),
+        dims: int = options.DIMS,
+        patch: str = options.PATCH,
+        spacing: str = options.SPACING,
         dropout: float = typer.Option(
             None,
             help="Spatial dropout (nnU-Net's dropout_op) after every conv; enables segment/evaluate "
