@@ -244,6 +244,9 @@ def test_3d_export_round_trip_is_bit_exact_and_the_zoo_runs_it(volumes: RawDatas
     out = tmp_path / "seg.nii.gz"
     assert cli(["segment", "-i", image.path, "-m", f"{tmp_path / 'zoo'}:{ckpt}", "-o", out]) == 0
     assert nib.load(str(out)).shape == nib.load(str(image.path)).shape
+    assert cli(["evaluate", "-m", f"{tmp_path / 'zoo'}:{ckpt}", "-d", volumes.root]) == 0
+    summary = json.loads((tmp_path / "zoo" / f"eval_{ckpt}_test" / "summary.json").read_text())
+    assert summary["n_cases"] == len(volumes.cases_in("test")) and summary["hd95_unit"] == "mm"
 
 
 def test_tiny_3d_zoo_builds_verifies_and_exports(volumes: RawDataset, tmp_path: Path) -> None:
