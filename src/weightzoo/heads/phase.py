@@ -200,16 +200,8 @@ class VolumePools:
             idx = [i for i, s in enumerate(v.case_sites) if s == site]
             if not idx:
                 raise InputError(f"no training cases of site '{site}'", "check the dataset's splits")
-            sets.append(_cases(v, idx))
+            sets.append(v.select(idx))
         return cls(list(sites), sets, volume_patch(v))
-
-
-def _cases(v: VolumeSet, idx: list[int]) -> VolumeSet:
-    """The cases `idx` of `v` (arrays shared, not copied)."""
-    return VolumeSet(
-        [v.images[i] for i in idx], [v.labels[i] for i in idx], [v.cases[i] for i in idx],
-        [v.case_sites[i] for i in idx], v.tasks, v.spacing, v.preprocessing, [v._fg[i] for i in idx],
-    )  # fmt: skip
 
 
 def volume_patch(v: VolumeSet) -> tuple[int, ...]:
@@ -259,7 +251,7 @@ def site_balanced_batch(
 def site_subset(data: Data, site: str) -> Data:
     """The slices or cases of one site."""
     if isinstance(data, VolumeSet):
-        return _cases(data, [i for i, s in enumerate(data.case_sites) if s == site])
+        return data.select([i for i, s in enumerate(data.case_sites) if s == site])
     return data.where(site=site)
 
 

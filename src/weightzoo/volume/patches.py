@@ -53,12 +53,13 @@ class VolumeSet:
     def sites(self) -> list[str]:
         return sorted(set(self.case_sites))
 
-    def select(self, cases: Sequence[int], task_cols: Sequence[int]) -> VolumeSet:
-        """Some cases, and some task channels (in the given order)."""
-        cols = list(task_cols)
+    def select(self, cases: Sequence[int], task_cols: Sequence[int] | None = None) -> VolumeSet:
+        """Some cases, and some task channels (in the given order; None: all, arrays shared)."""
+        cols = list(range(len(self.tasks))) if task_cols is None else list(task_cols)
+        same = cols == list(range(len(self.tasks)))
         return VolumeSet(
             [self.images[i] for i in cases],
-            [np.ascontiguousarray(self.labels[i][cols]) for i in cases],
+            [self.labels[i] if same else np.ascontiguousarray(self.labels[i][cols]) for i in cases],
             [self.cases[i] for i in cases],
             [self.case_sites[i] for i in cases],
             [self.tasks[k] for k in cols],
