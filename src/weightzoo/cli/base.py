@@ -53,6 +53,13 @@ def register(app: typer.Typer) -> None:
 
         ds = RawDataset.open(dataset)
         names = [t.strip() for t in tasks.split(",") if t.strip()] if tasks else sorted(ds.tasks)
+        from weightzoo.errors import InputError
+        from weightzoo.nets.unet import PRESETS_3D
+
+        if preset in PRESETS_3D:
+            raise InputError(
+                f"bases are 2-D; preset {preset} is 3-D", "use a 2-D preset (tiny, small, default)"
+            )
         cfg = TrainConfig(
             tasks=names,
             preset=preset,
