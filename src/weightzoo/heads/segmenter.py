@@ -47,6 +47,13 @@ class _HeadSwap:
     seconds_to_build: float
     _base: str
 
+    def _pick(self, model: HeadedModel, site: str | None, name: str | None) -> str:
+        """Record the model, the site asked for and the name base; return the head to use."""
+        head = model.resolve(site)
+        self.model, self.site, self.head = model, site, head
+        self._base = name or (model.folder.name if model.folder is not None else "heads")
+        return head
+
     def _seconds(self, head: str) -> float:
         """Backbone training time, plus the head's own fine-tuning time for a site head."""
         backbone = float(self.model.head_info.get(UNIVERSAL, {}).get("seconds", 0.0))
@@ -85,9 +92,7 @@ class HeadedSegmenter(_HeadSwap, NetSegmenter):
                 "use headed_segmenter() or load_any_model()",
                 model.folder,
             )
-        head = model.resolve(site)
-        self.model, self.site, self.head = model, site, head
-        self._base = name or (model.folder.name if model.folder is not None else "heads")
+        head = self._pick(model, site, name)
         super().__init__(
             model.network(head),
             model.spec,
@@ -111,9 +116,7 @@ class HeadedVolumeSegmenter(_HeadSwap, VolumeSegmenter):
         device: str | torch.device = "cpu",
         name: str | None = None,
     ):
-        head = model.resolve(site)
-        self.model, self.site, self.head = model, site, head
-        self._base = name or (model.folder.name if model.folder is not None else "heads")
+        head = self._pick(model, site, name)
         seg = make_segmenter(
             model.network(head),
             model.spec,

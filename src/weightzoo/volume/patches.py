@@ -131,11 +131,7 @@ class VolumeSet:
         g = torch.Generator().manual_seed(seed)
         xs, ys = [], []
         for case in range(len(self)):
-            sub = VolumeSet(
-                [self.images[case]], [self.labels[case]], [self.cases[case]], [self.case_sites[case]],
-                self.tasks, self.spacing, self.preprocessing, [self._fg[case]],
-            )  # fmt: skip
-            x, y = sub.sample(g, per_case, size, oversample=1.0 / per_case)
+            x, y = self.select([case]).sample(g, per_case, size, oversample=1.0 / per_case)
             xs.append(x.numpy())
             ys.append(y.numpy())
         return Patches(np.concatenate(xs), np.concatenate(ys))
