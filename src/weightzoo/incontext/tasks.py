@@ -12,13 +12,17 @@ Sources (hierarchical sampling: source -> task -> images):
   phantom           weightzoo.data.synth phantoms, every task x site (cord, gm, lesion at sites
                     A, B, C, E...; see HELD_OUT)
   raw:PATH          any nnU-Net raw dataset (e.g. from `weightzoo data import`), every task x site
+  real, real:NAME   real training datasets (nuclei, axon/myelin, sagittal cord, CT/MR organs) and
+  real-texture      synthetic label maps on their images: weightzoo.incontext.realdata
 
 Augmentation: `task_augment` draws ONE transform for the whole task (intensity inversion, label
 flip, morphological edit of the label, affine, elastic, blur, noise), so the task changes but stays
 consistent; `image_augment` perturbs each image independently (in-task variation).
 
 HELD_OUT lists tasks never used in training, because we evaluate on them: `check_trainable` refuses
-them (WBC nucleus/cell/cytoplasm, SCT cord and gray matter, phantom canal, every phantom task at site D).
+them (WBC nucleus/cell/cytoplasm, every SCT testing-data task incl. cord and gray matter, CHASE
+vessels, HC18 heads, phantom canal, every phantom task at site D). The real training datasets are in
+weightzoo.incontext.realdata.
 """
 
 from __future__ import annotations
@@ -106,20 +110,28 @@ HELD_OUT: tuple[HeldOut, ...] = (
     HeldOut("wbc", "cytoplasm", why="cell minus nucleus: too close to the two above"),
     HeldOut("sct", "cord", why="SCT spinal cord slices (all contrasts): evaluation"),
     HeldOut("sct", "gm", why="SCT gray-matter slices: evaluation"),
+    HeldOut("sct", "*", why="every task of sct_testing_data and amu7t_example (7T cord/GM/WM)"),
+    HeldOut("chase", "*", why="CHASE_DB1 retinal vessels (two observers): evaluation"),
+    HeldOut("hc18", "*", why="HC18 fetal-head ultrasound: evaluation"),
     HeldOut("phantom", "canal", why="phantom canal, every site: the demo's unseen task"),
     HeldOut("phantom", "*", "D", why="every phantom task at site D (PD-like): unseen contrast"),
 )
 
 
 def dataset_kind(ds: RawDataset) -> str:
-    """'wbc', 'sct', 'phantom' or 'other', from the dataset's name, description and phantom key."""
+    """'wbc', 'sct', 'chase', 'hc18', 'phantom' or 'other', from the dataset's name, description and
+    phantom key."""
     text = f"{ds.name} {ds.meta.get('description', '')} {ds.meta.get('name', '')}".lower()
     if "phantom" in ds.meta or "phantom" in text:
         return "phantom"
     if "wbc" in text or "white blood" in text:
         return "wbc"
-    if "sct" in text or "spinal cord toolbox" in text or "sct_testing_data" in text:
+    if "sct" in text or "spinal cord toolbox" in text or "sct_testing_data" in text or "amu7t" in text:
         return "sct"
+    if "chase" in text or "retinal vessel" in text:
+        return "chase"
+    if "hc18" in text or "fetal head" in text or "fetal-head" in text:
+        return "hc18"
     return "other"
 
 
@@ -330,9 +342,14 @@ class SynthShapes:
     """
 
     name = "synth-shapes"
+    texture_gain = 1.0  # scales the texture amplitudes drawn per task
 
     def __init__(self, size: int = 64):
         self.size = size
+
+    def _texture(self, n: int, g: torch.Generator) -> torch.Tensor:
+        """One texture family for n images: [n, H, W], unit std (a subclass may use real images)."""
+        return texture(n, self.size, g)
 
     def sample(self, n: int, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, str]:
         size = self.size
@@ -354,20 +371,21 @@ class SynthShapes:
                     count=(1, _randint(g, 1, 3)) if k == 0 else (0, _randint(g, 0, 3)),
                 )
             )
-        x = bg_mean + float(_u(g, 0.01, 0.12)) * texture(n, size, g)
+        gain = self.texture_gain
+        x = bg_mean + gain * float(_u(g, 0.01, 0.12)) * self._texture(n, g)
         y = torch.zeros(n, size, size)
         order = torch.randperm(n_cls, generator=g).tolist()
         if _coin(g, 0.7):  # mostly the targets lie on top; otherwise others may hide parts of them
             order = [k for k in order if k != 0] + [0]
         for k in order:
             rc = recipes[k]
-            tex = texture(n, size, g) * rc["tex"]
+            tex = self._texture(n, g) * (gain * rc["tex"])
             n_inst = torch.randint(rc["count"][0], rc["count"][1] + 1, (n,), generator=g)
             for j in range(int(n_inst.max())):
                 m = _shape_masks(size, g, n, rc["kind"], *rc["r"]) & (j < n_inst)[:, None, None]
                 x = torch.where(m, rc["mean"] + tex, x)
                 y = torch.where(m, torch.tensor(1.0 if k == 0 else 0.0), y)
-        return renormalize(x), y, "synth-shapes"
+        return renormalize(x), y, self.name
 
 
 class SynthSuperpixel:
@@ -379,7 +397,8 @@ class SynthSuperpixel:
     def __init__(self, size: int = 64):
         self.size = size
 
-    def sample(self, n: int, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, str]:
+    def _scene(self, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """A scene image [H, W] and its partition: region ids [H, W] in 0..m-1, and m."""
         size = self.size
         m = _randint(g, 5, 24)
         seeds = _u(g, -1.0, 1.0, (m, 2))
@@ -389,6 +408,12 @@ class SynthSuperpixel:
         wx = xx + warp_amp * smooth_noise(1, size, g, 4)[0]
         d = (wx[None] - seeds[:, 0, None, None]) ** 2 + (wy[None] - seeds[:, 1, None, None]) ** 2
         region = d.argmin(0)
+        means = _u(g, 0.0, 1.0, m)
+        return means[region] + float(_u(g, 0.02, 0.12)) * texture(1, size, g)[0], region, m
+
+    def sample(self, n: int, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, str]:
+        size = self.size
+        x0, region, m = self._scene(g)
         areas = torch.bincount(region.flatten(), minlength=m).float() / size**2
         ok = torch.nonzero((areas > 0.02) & (areas < 0.4)).flatten()
         pick = int(ok[torch.randint(len(ok), (), generator=g)]) if len(ok) else int(areas.argmax())
@@ -398,14 +423,12 @@ class SynthSuperpixel:
             nb = region[ring]
             if len(nb):
                 label |= region == int(nb[torch.randint(len(nb), (), generator=g)])
-        means = _u(g, 0.0, 1.0, m)
-        x0 = means[region] + float(_u(g, 0.02, 0.12)) * texture(1, size, g)[0]
         x = x0[None].expand(n, size, size).clone()
         y = label.float()[None].expand(n, size, size).clone()
         x, y = warp(x, y, _affine_grid(n, size, g, 0.5, 1.2, 0.2, shared=False))
         x, y = warp(x, y, _elastic_grid(n, size, g, 0.05, shared=False))
         x = x + float(_u(g, 0.0, 0.1)) * texture(n, size, g)  # re-texture each image
-        return renormalize(x), y, "synth-superpixel"
+        return renormalize(x), y, self.name
 
 
 class SliceTasks:
@@ -502,14 +525,28 @@ def raw_source(path: str | Path, size: int = 64, split: str = "train") -> SliceT
     return SliceTasks(f"raw:{ds.name}", dataset_pools(ds, size, trainable, split=split))
 
 
-SOURCE_NAMES = ("synth", "synth-shapes", "synth-superpixel", "phantom", "raw:PATH")
+SOURCE_NAMES = (
+    "synth",
+    "synth-shapes",
+    "synth-superpixel",
+    "phantom",
+    "raw:PATH",
+    "real",
+    "real:dsb2018",
+    "real:axondeepseg",
+    "real:errsm",
+    "real:totalseg",
+    "real-texture",
+)
 
 
 def build_sources(
     names: Sequence[str], size: int, cache: str | Path, split: str = "train"
 ) -> list[TaskSource]:
     """Sources from names: synth (= both synthetic generators), synth-shapes, synth-superpixel,
-    phantom, raw:PATH (an nnU-Net raw dataset folder)."""
+    phantom, raw:PATH (an nnU-Net raw dataset folder), real (= every real training dataset of
+    weightzoo.incontext.realdata, read from $WEIGHTZOO_DATA or ../shared/data), real:NAME (one of
+    them), real-texture (synthetic label maps on real images)."""
     out: list[TaskSource] = []
     for name in names:
         if name == "synth":
@@ -522,6 +559,11 @@ def build_sources(
             out.append(phantom_source(Path(cache) / "phantom", size, split=split))
         elif name.startswith("raw:"):
             out.append(raw_source(name[4:], size, split=split))
+        elif name in ("real", "real-texture") or name.startswith("real:"):
+            from weightzoo.incontext.realdata import REAL_DATASETS, real_sources
+
+            which = list(REAL_DATASETS) if name == "real" else [name if name == "real-texture" else name[5:]]
+            out += real_sources(which, size, Path(cache) / "real")
         else:
             raise UnknownNameError("task source", name, SOURCE_NAMES)
     return out

@@ -4,7 +4,9 @@ Every step: draw `tasks_per_batch` tasks (weightzoo.incontext.tasks.TaskSampler)
 images (S uniform in [support_min, support_max], the same S for the whole batch); the last image is
 the query, the others the support. With probability `single_fraction` the step uses one candidate,
 otherwise `candidates` (each with its own noise); the loss is Tyche's best-candidate Dice + BCE. Adam,
-linear warm-up then cosine decay, gradient clipping.
+linear warm-up then cosine decay, gradient clipping. Progressive resizing (`warm_size`,
+`warm_fraction`): the first steps run on tasks downsampled to warm_size (4x cheaper at half the side),
+the rest at `size`; validation always runs at `size`.
 
 Reproducible and resumable: data, augmentation and noise come from a generator seeded by (seed, step)
 alone, so a run resumed from its checkpoint gives the same weights as an uninterrupted one.
@@ -51,6 +53,8 @@ class InContextConfig:
     weights: list[float] | None = None  # per entry of `sources` (synth counts once); None = equal
     features: list[int] = field(default_factory=lambda: [16, 24, 32, 32])
     size: int = 64
+    warm_size: int | None = None  # progressive resizing: the first warm_fraction of steps at this size
+    warm_fraction: float = 0.0
     set_blocks: bool = True
     candidates: int = 3
     single_fraction: float = 0.5
@@ -84,6 +88,11 @@ class InContextConfig:
             (self.steps >= 1 and self.tasks_per_batch >= 1, "steps and tasks_per_batch must be >= 1"),
             (self.lr > 0 and self.log_every >= 1 and self.checkpoint_every >= 1, "lr, log/checkpoint > 0"),
             (0.0 <= self.augment <= 1.0, "augment must be in [0, 1]"),
+            (0.0 <= self.warm_fraction < 1.0, "warm_fraction must be in [0, 1)"),
+            (
+                self.warm_size is None or self.warm_size % 2 ** (len(self.features) - 1) == 0,
+                "warm_size must be divisible by 2^(levels-1)",
+            ),
         ]
         for ok, what in checks:
             if not ok:
@@ -91,7 +100,8 @@ class InContextConfig:
 
     @classmethod
     def preset(cls, name: str, **overrides: Any) -> InContextConfig:
-        """'tiny' (tests: seconds on a CPU), 'cpu' (the shipped model's recipe), 'gpu' (larger, not run yet)."""
+        """'tiny' (tests: seconds on a CPU), 'cpu' (the shipped model's recipe), 'cpu-v1' (the first
+        shipped model's recipe: 64 px, synthetic + phantom tasks), 'gpu' (not run yet)."""
         presets: dict[str, dict[str, Any]] = {
             "tiny": dict(
                 sources=["synth"],
@@ -107,17 +117,32 @@ class InContextConfig:
                 val_tasks=4,
                 val_support=3,
             ),
-            "cpu": dict(features=[8, 16, 24, 32], steps=2000, warmup=50, val_tasks=16),
-            "gpu": dict(
-                features=[32, 64, 64, 64, 64],
+            "cpu": dict(
+                sources=["synth", "real-texture", "real", "phantom"],
+                weights=[0.15, 0.25, 0.5, 0.1],
+                features=[16, 32, 64, 96],
                 size=128,
-                candidates=5,
+                warm_size=64,
+                warm_fraction=0.85,
+                support_max=10,
+                steps=3000,
+                warmup=100,
+                log_every=100,
+                checkpoint_every=100,
+                val_tasks=16,
+            ),
+            "cpu-v1": dict(features=[8, 16, 24, 32], steps=2000, warmup=50, val_tasks=16),
+            "gpu": dict(  # not run yet (no GPU lent); sized for ~10 min on one large GPU, unmeasured
+                sources=["synth", "real-texture", "real", "phantom"],
+                weights=[0.15, 0.25, 0.5, 0.1],
+                features=[16, 32, 64, 96],
+                size=128,
                 support_max=16,
                 tasks_per_batch=16,
-                steps=40000,
-                warmup=500,
+                steps=6000,
+                warmup=200,
                 log_every=250,
-                checkpoint_every=1000,
+                checkpoint_every=500,
                 val_tasks=64,
             ),
         }
@@ -167,9 +192,19 @@ def sampler_for(cfg: InContextConfig, cache: Path, split: str = "train") -> Task
     for i, name in enumerate(cfg.sources):
         got = build_sources([name], cfg.size, cache, split=split)
         w = cfg.weights[i] if cfg.weights is not None else 1.0
+        shares = [float(getattr(src, "share", 1.0)) for src in got]  # e.g. real: sqrt(tasks) per dataset
         sources += got
-        weights += [w / len(got)] * len(got)
+        weights += [w * sh / sum(shares) for sh in shares]
     return TaskSampler(sources, weights, cfg.augment)
+
+
+def _resize_tasks(x: torch.Tensor, y: torch.Tensor, size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Task batch x, y [B, N, H, W] -> [B, N, size, size] (images antialiased, labels area + >= 0.5)."""
+    import torch.nn.functional as F
+
+    xs = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
+    ys = F.interpolate(y, size=(size, size), mode="area") >= 0.5
+    return xs.clamp(0, 1), ys.float()
 
 
 def split_batch(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -266,6 +301,8 @@ def train_incontext(
         x, y, _ = sampler.sample(cfg.tasks_per_batch, s_n + 1, g)
         rows = dp.rows(cfg.tasks_per_batch)  # torchrun: this rank's tasks of the global batch
         x, y = (x, y) if rows is None else (x[rows], y[rows])
+        if cfg.warm_size is not None and step < cfg.warm_fraction * cfg.steps:
+            x, y = _resize_tasks(x, y, cfg.warm_size)
         q, s, t = split_batch(x, y)
         for group in opt.param_groups:
             group["lr"] = lr_at(cfg, step)
