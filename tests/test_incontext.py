@@ -369,7 +369,7 @@ def test_cli_train_and_eval(tmp_path: Path) -> None:
     ])  # fmt: skip
     assert rc == 0
     res = json.loads((tmp_path / "ev" / "results.json").read_text())
-    assert [r["N"] for r in res["rows"]] == [1, 2] and (tmp_path / "ev" / "report.html").exists()
+    assert [r["S"] for r in res["rows"]] == [1, 2] and (tmp_path / "ev" / "report.html").exists()
     assert (
         main(
             [

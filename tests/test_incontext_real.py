@@ -57,7 +57,14 @@ def test_resize_tasks_keeps_labels_binary() -> None:
 
 def test_progressive_resizing_trains_and_resumes(tmp_path: Path) -> None:
     cfg = InContextConfig.preset(
-        "tiny", size=32, warm_size=16, warm_fraction=0.5, steps=6, log_every=3, checkpoint_every=3, val_tasks=2
+        "tiny",
+        size=32,
+        warm_size=16,
+        warm_fraction=0.5,
+        steps=6,
+        log_every=3,
+        checkpoint_every=3,
+        val_tasks=2,
     )
     train_incontext(cfg, tmp_path / "full", log=None)
     train_incontext(cfg, tmp_path / "cut", stop_after=2, log=None)
@@ -98,7 +105,7 @@ def test_real_sources_sample_training_tasks_only(shared_data: Path, real_cache: 
     assert sources[0].share == 1.0 and sources[1].share == 3.0  # 152 organ tasks: capped
     for key in sources[1].keys:
         assert key.startswith(("totalseg/ct-", "totalseg/mr-"))
-    x, y, names = TaskSampler(sources).sample(3, 4, torch.Generator().manual_seed(0))
+    x, _, names = TaskSampler(sources).sample(3, 4, torch.Generator().manual_seed(0))
     assert x.shape == (3, 4, 32, 32) and len(names) == 3
     bank = texture_bank([real_pools("errsm", 32, real_cache, shared_data)], limit=10)
     assert bank.shape == (10, 32, 32)

@@ -98,6 +98,18 @@ def _ints(text: str, what: str) -> list[int]:
     return vals
 
 
+def _floats(text: str, what: str) -> list[float]:
+    try:
+        vals = [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise InputError(
+            f"{what} '{text}' is not a comma-separated list of numbers", "e.g. 0.2,0.8"
+        ) from None
+    if not vals or min(vals) <= 0:
+        raise InputError(f"{what} '{text}'", "give positive numbers, e.g. 0.2,0.8")
+    return vals
+
+
 def register(app: typer.Typer) -> None:
     ic = typer.Typer(
         help="In-context segmentation from labelled examples, no training. With -i: segment (`weightzoo incontext -i q.png --support dir/ -o out.png`); without -i: run `train` or `eval`.",
@@ -172,13 +184,19 @@ def register(app: typer.Typer) -> None:
     @ic.command("train")
     @distributed_options(local_sgd=False)
     def train_cmd(
-        tasks: str = typer.Option(
-            "synth,phantom",
+        tasks: str | None = typer.Option(
+            None,
             "--tasks",
-            help="Sources: synth, synth-shapes, synth-superpixel, phantom, raw:PATH.",
+            help="Sources (default: the preset's): synth, synth-shapes, synth-superpixel, phantom, raw:PATH, "
+            "real (real data from $WEIGHTZOO_DATA or ../shared/data), real:NAME, real-texture.",
+        ),
+        weights: str | None = typer.Option(
+            None, "--weights", help="One sampling weight per --tasks entry, e.g. 0.2,0.8 (default: equal)."
         ),
         out: Path = typer.Option(..., "--out", "-o", help="Model folder to write (resumes its checkpoint)."),
-        preset: str = typer.Option("cpu", "--preset", help="tiny (tests) | cpu (the shipped recipe) | gpu."),
+        preset: str = typer.Option(
+            "cpu", "--preset", help="tiny (tests) | cpu (the shipped recipe) | cpu-v1 (the first one) | gpu."
+        ),
         steps: int | None = typer.Option(None, "--steps", help="Override the preset's steps."),
         features: str | None = typer.Option(None, "--features", help="Channels per level, e.g. 8,16,24,32."),
         warmup: int | None = typer.Option(None, "--warmup", help="Warm-up steps."),
@@ -192,11 +210,12 @@ def register(app: typer.Typer) -> None:
 
         from weightzoo.incontext.train import InContextConfig, train_incontext
 
-        over: dict = {
-            "sources": [t.strip() for t in tasks.split(",") if t.strip()],
-            "seed": seed,
-            "device": device,
-        }
+        over: dict = {"seed": seed, "device": device}
+        if tasks is not None:  # new sources: the preset's per-source weights no longer apply
+            over["sources"] = [t.strip() for t in tasks.split(",") if t.strip()]
+            over["weights"] = None
+        if weights is not None:
+            over["weights"] = _floats(weights, "--weights")
         for key, val in (("steps", steps), ("warmup", warmup), ("val_tasks", val_tasks)):
             if val is not None:
                 over[key] = val
@@ -213,43 +232,79 @@ def register(app: typer.Typer) -> None:
         model: Path | None = typer.Option(
             None, "--model", "-m", help="Model folder (default: shipped weights)."
         ),
-        heldout: str = typer.Option(
-            "wbc-nucleus,wbc-cell,sct-cord,sct-gm,phantom-canal",
+        heldout: str | None = typer.Option(
+            None,
             "--heldout",
-            help="Held-out tasks to evaluate.",
+            help="Held-out tasks, comma-separated (default: every real one: wbc-nucleus, wbc-cell, "
+            "wbc2-nucleus, wbc2-cell, sct-cord, sct-cord-t1, sct-gm, chase-vessels, hc18-head; "
+            "also phantom-canal, phantom-D-cord).",
         ),
-        support_sizes: str = typer.Option("1,2,4,8,16,32,64", "--support-sizes"),
+        support_sizes: str = typer.Option("1,2,4,8,16,32,64", "--support-sizes", help="Support sizes S."),
         data: Path | None = typer.Option(
             None,
             "--data",
-            help="Real data root holding wbc/ and sct_testing_data/ (tasks needing it are skipped without it).",
+            help="Real-data folder holding wbc/, sct_testing_data/, chasedb1/, hc18/ "
+            "(default: $WEIGHTZOO_DATA, else ../shared/data).",
         ),
         out: Path = typer.Option(
-            Path("incontext_eval"), "--out", "-o", help="Folder for results.json + report."
+            Path("incontext_eval"), "--out", "-o", help="Folder for results.json, results.md, report.html."
         ),
-        repeats: int = typer.Option(3, "--repeats", help="Random support draws per size."),
-        nnunet_steps: int = typer.Option(
-            150, "--nnunet-steps", help="Steps of the small nnU-Net baseline; 0 = skip."
+        repeats: int = typer.Option(3, "--repeats", help="Seeded support draws per S."),
+        queries: int = typer.Option(16, "--queries", help="Query images per task (whole subjects)."),
+        limit: int = typer.Option(120, "--limit", help="At most this many images per task."),
+        ensemble: int = typer.Option(
+            3, "--ensemble", help="Independent draws averaged by the UniverSeg ensemble (<= 1: off)."
+        ),
+        ensemble_subsets: int = typer.Option(
+            0, "--ensemble-subsets", help="Also average this many 3/4 subsets of each draw (0: off)."
+        ),
+        candidates: int = typer.Option(
+            5, "--candidates", help="K candidates for best-of-K and GED (1: off)."
+        ),
+        candidate_sizes: str = typer.Option(
+            "4,16", "--candidate-sizes", help="S values with candidates (first draw), or 'all'."
+        ),
+        nnunet: bool = typer.Option(
+            False, "--nnunet", help="Also train a small nnU-Net on the support (slow on a CPU)."
+        ),
+        nnunet_steps: int = typer.Option(150, "--nnunet-steps", help="Its training steps (0: skip it)."),
+        nnunet_sizes: str = typer.Option(
+            "4,16", "--nnunet-sizes", help="S values for the nnU-Net, or 'all'."
         ),
         seed: int = typer.Option(0, "--seed"),
         device: str = typer.Option("auto", "--device"),
     ) -> None:
-        """Dice vs support size on held-out tasks (with/without ensembling, candidates, nnU-Net baseline)."""
-        from weightzoo.incontext.evaluate import run_evaluation
+        """Dice vs support size on held-out tasks: single, ensemble, mean-of-support baseline, candidates
+        (best-of-K, GED), optional nnU-Net; the mean over real tasks against UniverSeg and the goals."""
+        from weightzoo.incontext.evaluate import DEFAULT_TASKS, EvalSettings, checks_markdown, run_evaluation
 
-        res = run_evaluation(
-            model,
-            [t.strip() for t in heldout.split(",") if t.strip()],
-            _ints(support_sizes, "--support-sizes"),
-            out,
-            data_root=data,
+        def sizes(text: str, what: str) -> tuple[int, ...] | None:
+            return None if text.strip() == "all" else tuple(_ints(text, what))
+
+        settings = EvalSettings(
+            support_sizes=tuple(_ints(support_sizes, "--support-sizes")),
             repeats=repeats,
-            nnunet_steps=nnunet_steps,
+            n_queries=queries,
+            limit=limit,
+            ensemble=ensemble,
+            subsets=ensemble_subsets,
+            candidates=candidates,
+            candidate_sizes=sizes(candidate_sizes, "--candidate-sizes"),
+            nnunet_steps=nnunet_steps if nnunet else 0,
+            nnunet_sizes=sizes(nnunet_sizes, "--nnunet-sizes"),
             seed=seed,
-            device=device,
-            log=console.print,
         )
-        console.print(f"[green]wrote[/] {escape(str(res['report']))}")
+        for name, v in (("--repeats", repeats), ("--queries", queries), ("--limit", limit)):
+            if v < 1:
+                raise InputError(f"{name} {v}", f"give {name} >= 1")
+        names = [t.strip() for t in heldout.split(",") if t.strip()] if heldout else list(DEFAULT_TASKS)
+
+        def log(m: str) -> None:
+            console.print(escape(m), soft_wrap=True)
+
+        res = run_evaluation(model, names, out, settings, data_root=data, device=device, log=log)
+        console.print(escape(checks_markdown(res["checks"])), soft_wrap=True)
+        console.print(f"[green]wrote[/] {escape(str(out / 'results.md'))}, {escape(str(res['report']))}")
 
     app.add_typer(ic, name="incontext")
 

@@ -1,186 +1,111 @@
-"""Evaluate an in-context model on held-out tasks: Dice vs support size, ensembling, candidates, nnU-Net.
+"""Evaluate an in-context model on held-out tasks: Dice vs support size S, baselines, goal checks.
 
-Held-out tasks (never used in training, see weightzoo.incontext.tasks.HELD_OUT):
-  wbc-nucleus, wbc-cell      WBC 'Dataset 1' (120 px RGB -> gray), nucleus / whole cell
-  wbc2-nucleus, wbc2-cell    WBC 'Dataset 2' (300 px)
-  sct-cord                   SCT T2 axial slices (t2/t2.nii.gz, 55 slices with cord), one subject
-  sct-cord-t1                SCT T1 axial slices (t1/t1w.nii.gz)
-  sct-gm                     SCT T2* gray matter (t2s_uncropped, 11 slices cropped around the cord)
-  phantom-canal              phantom canal at site B (T2-like), a task never trained on
-  phantom-D-cord             phantom cord at the unseen site D (PD-like contrast)
-
-For each task the images are split once (seeded) into queries (up to `n_queries`; by subject where
-there are subjects) and a support pool. For each support size N (<= pool size), `repeats` random
-draws of N examples; per draw, the mean query Dice of:
-  single           one prediction from the N examples
-  ensemble-subsets `ensemble=4`: 4 random subsets of 3/4 of the same N examples, averaged
-  ensemble-draws   4 independent draws of N examples from the pool, averaged (UniverSeg's
-                   ensembling; uses up to 4N labelled examples)
-  candidates       5 candidates: best-candidate Dice (oracle pick per query), and GED with the one
-                   reference mask available: GED^2 = 2 E[d(S, Y)] - E[d(S, S')], d = 1 - IoU
-  nnunet           a 'tiny' nnU-Net trained on the same N examples (`nnunet_steps` steps)
-Dice is computed on the model grid (64 px, padded square) and averaged over queries whose
-reference or prediction is non-empty (nnU-Net's rule: both empty = no score).
+The tasks (REAL_TASKS: WBC, SCT, CHASE vessels, HC18 heads; PHANTOM_TASKS) and their loaders are in
+weightzoo.incontext.heldout. Each task is split once (seeded, by subject/group: a group never sits on
+both sides) into up to `n_queries` queries and a support pool. Nothing is selected on the queries.
+For each support size S (skipped, and reported, when S exceeds the pool) there are `repeats` seeded
+draws of S pool examples; the draws depend on (seed, S, draw) only, so every model sees the same ones.
+Per draw, the mean query Dice of:
+  single            one prediction from the S examples
+  mean-of-support   the trivial baseline: the pixelwise mean of the S support masks, thresholded at 0.5
+                    (same draws)
+  ensemble-subsets  (optional, `subsets=E`) E random subsets of 3/4 of the same S, averaged
+and, on the first draw at `candidate_sizes` / `nnunet_sizes` only (they are slow on a CPU):
+  best-candidate    best of K candidates per query (an oracle pick, so an upper bound)
+  GED               generalised energy distance of the K candidates to the set of references (CHASE:
+                    both observers), d = 1 - IoU, lower is better
+  nnunet            a 'tiny' nnU-Net trained on the same S examples (`nnunet_steps` steps)
+Across draws:
+  ensemble          UniverSeg's ensembling: the probabilities of `ensemble` independent draws of size S
+                    averaged; the draws are those of `single` (extra ones only if ensemble > repeats),
+                    so it costs nothing more; one value per group of `ensemble` draws
+Dice is computed on the model grid (padded square) and averaged over queries whose reference or
+prediction is non-empty (nnU-Net's rule: both empty = no score). The summary averages each S over the
+REAL tasks evaluated at that S (phantoms never enter it) and checks the goals (GOALS).
 """
 
 from __future__ import annotations
 
+import datetime
+import itertools
 import math
+import platform
 import tempfile
 import time
 import warnings
+from collections import defaultdict
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from weightzoo.errors import InputError, UnknownNameError
 from weightzoo.evaluate.metrics import dice
-from weightzoo.fileio import atomic_write_json
-from weightzoo.incontext.tasks import label_to_model_grid, to_model_grid
-
-EVAL_TASKS = (
-    "wbc-nucleus",
-    "wbc-cell",
-    "wbc2-nucleus",
-    "wbc2-cell",
-    "sct-cord",
-    "sct-cord-t1",
-    "sct-gm",
-    "phantom-canal",
-    "phantom-D-cord",
+from weightzoo.fileio import atomic_write_bytes, atomic_write_json
+from weightzoo.incontext.heldout import (
+    DEFAULT_TASKS,
+    EVAL_TASKS,
+    PHANTOM_TASKS,
+    REAL_TASKS,
+    EvalTask,
+    load_eval_task,
+    load_tasks,
+    resolve_data_root,
+    split_queries,
 )
-DEFAULT_TASKS = ("wbc-nucleus", "wbc-cell", "sct-cord", "sct-gm", "phantom-canal", "phantom-D-cord")
+
+__all__ = [
+    "DEFAULT_TASKS",
+    "EVAL_TASKS",
+    "PHANTOM_TASKS",
+    "REAL_TASKS",
+    "UNIVERSEG_CITATION",
+    "EvalSettings",
+    "EvalTask",
+    "evaluate_task",
+    "ged",
+    "jsonable",
+    "load_eval_task",
+    "load_tasks",
+    "markdown_table",
+    "mean_of_support",
+    "resolve_data_root",
+    "results_markdown",
+    "run_evaluation",
+    "split_queries",
+    "summarize",
+]
+
+# Published anchor: UniverSeg's mean Dice over its held-out tasks vs support size (single prediction),
+# and with support-set ensembling at S = 64. Blank (None) where not published.
+UNIVERSEG_CITATION = (
+    "Butoi, Ortiz, Ma, Sabuncu, Guttag, Dalca: UniverSeg: Universal Medical Image Segmentation, "
+    "ICCV 2023 (held-out Dice vs support size)"
+)
+UNIVERSEG_SINGLE = {1: 0.53, 4: 0.63, 16: 0.70, 64: 0.71}
+UNIVERSEG_ENSEMBLE = {64: 0.717}
+SUPPORT_SIZES = (1, 2, 4, 8, 16, 32, 64)
+CHUNK, CHUNK_FROM = 16, 32  # walk the support 16 at a time from S = 32 on: bounded memory
+GOAL_S16, GOAL_MARGIN = 0.70, 0.15
 
 
-@dataclass
-class EvalTask:
-    """A held-out task on the model grid: images/labels [N, size, size]; groups name the subject/volume."""
+@dataclass(frozen=True)
+class EvalSettings:
+    """What to evaluate (see the module docstring). `*_sizes` None = every S."""
 
-    name: str
-    images: torch.Tensor
-    labels: torch.Tensor
-    groups: list[str]
-    source: str
-
-
-def _grid(xs: Sequence[np.ndarray], ys: Sequence[np.ndarray], size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    x = torch.stack([to_model_grid(a, size) for a in xs])
-    y = torch.stack([(label_to_model_grid(b.astype(np.float32), size) >= 0.5).float() for b in ys])
-    return x, y
-
-
-def _wbc(root: Path, folder: str, task: str, size: int, limit: int) -> tuple[list, list, list]:
-    from weightzoo.data.importers import WBC_CLASSES, map_to_nearest
-    from weightzoo.data.io import read_image
-
-    src = root / "wbc" / folder
-    if not src.is_dir():
-        raise InputError("WBC folder not found", "give --data with the real-data root that holds wbc/", src)
-    xs, ys, gs = [], [], []
-    for p in sorted(src.glob("*.bmp"))[:limit]:
-        m, _ = map_to_nearest(read_image(p.with_suffix(".png")).array.max(0), WBC_CLASSES)
-        xs.append(read_image(p).array)
-        ys.append(m == 2 if task == "nucleus" else m > 0)  # indices: 0 bg, 1 cytoplasm, 2 nucleus
-        gs.append(p.stem)
-    return xs, ys, gs
-
-
-def _nifti_slices(image: Path, mask: Path, crop: int | None = None) -> tuple[list, list, list]:
-    from weightzoo.data.io import read_image, read_mask
-
-    img = read_image(image)
-    m = read_mask(mask, like=img) > 0
-    x = img.array[0]
-    if crop:  # a window around the mask's centre (e.g. the cord in an uncropped 320 px FOV)
-        cx, cy = (round(float(np.mean(a))) for a in np.nonzero(m)[:2])
-        h = crop // 2
-        x = x[max(0, cx - h) : cx + h, max(0, cy - h) : cy + h]
-        m = m[max(0, cx - h) : cx + h, max(0, cy - h) : cy + h]
-    zs = [z for z in range(m.shape[2]) if m[:, :, z].any()]
-    return [x[:, :, z] for z in zs], [m[:, :, z] for z in zs], [f"{image.name}:{z}" for z in zs]
-
-
-def _phantom(task: str, site: str, size: int, cache: Path) -> tuple[list, list, list]:
-    from weightzoo.data.raw import RawDataset
-    from weightzoo.data.slices import load_case
-    from weightzoo.data.synth import make_phantom_dataset
-
-    found = sorted(cache.glob("Dataset*_EvalPhantom")) if cache.exists() else []
-    ds = (
-        RawDataset.open(found[0])
-        if found
-        else make_phantom_dataset(cache, 4, 8, size, 8, 4242, name="EvalPhantom")
-    )
-    xs, ys, gs = [], [], []
-    for case in ds.cases_in(None, [site]):
-        img, lab = load_case(ds, case)
-        m = np.isin(lab, ds.task_labels(task))
-        for z in range(m.shape[2]):
-            if m[:, :, z].any():
-                xs.append(img.array[0, :, :, z])
-                ys.append(m[:, :, z])
-                gs.append(ds.subject(case))
-    return xs, ys, gs
-
-
-def load_eval_task(name: str, data_root: Path | None, size: int, cache: Path, limit: int = 120) -> EvalTask:
-    """Build one held-out task (see the module docstring) on the model grid."""
-    if name not in EVAL_TASKS:
-        raise UnknownNameError("held-out task", name, EVAL_TASKS)
-    if name.startswith("phantom"):
-        xs, ys, gs = (
-            _phantom("canal", "B", size, cache)
-            if name == "phantom-canal"
-            else _phantom("cord", "D", size, cache)
-        )
-        src = "weightzoo.data.synth phantoms (seed 4242)"
-    else:
-        if data_root is None or not Path(data_root).is_dir():
-            raise InputError(
-                f"real data for '{name}' not found",
-                "give --data pointing at the shared data folder",
-                data_root,
-            )
-        root = Path(data_root)
-        if name.startswith("wbc"):
-            folder = "Dataset 1" if name.startswith("wbc-") else "Dataset 2"
-            xs, ys, gs = _wbc(root, folder, name.split("-")[1], size, limit)
-            src = f"wbc/{folder}"
-        else:
-            sct = root / "sct_testing_data"
-            files = {
-                "sct-cord": ("t2/t2.nii.gz", "t2/t2_seg-manual.nii.gz", None),
-                "sct-cord-t1": ("t1/t1w.nii.gz", "t1/t1w_seg-manual.nii.gz", None),
-                "sct-gm": ("t2s/t2s_uncropped.nii.gz", "t2s/t2s_uncropped_gmseg_manual.nii.gz", 64),
-            }[name]
-            xs, ys, gs = _nifti_slices(sct / files[0], sct / files[1], files[2])
-            src = f"sct_testing_data/{files[0]}"
-    x, y = _grid(xs, ys, size)
-    return EvalTask(name, x, y, gs, src)
-
-
-def split_queries(task: EvalTask, n_queries: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """(query indices, pool indices): whole groups go to the queries until there are enough of them,
-    if the task has several groups; at most a third of the task becomes queries."""
-    rng = np.random.default_rng(seed)
-    n = len(task.groups)
-    want = max(1, min(n_queries, n // 3))
-    groups = sorted(set(task.groups))
-    if len(groups) > 1 and len(groups) < n:
-        q: list[int] = []
-        for gname in rng.permutation(groups):
-            if len(q) >= want:
-                break
-            q += [i for i, g in enumerate(task.groups) if g == gname]
-        q_idx = np.array(sorted(q[: max(want, 1)]))
-    else:
-        q_idx = np.sort(rng.choice(n, want, replace=False))
-    pool = np.array([i for i in range(n) if i not in set(q_idx.tolist())])
-    return q_idx, pool
+    support_sizes: tuple[int, ...] = SUPPORT_SIZES
+    repeats: int = 3
+    n_queries: int = 16
+    limit: int = 120  # images per task (CHASE: crops)
+    ensemble: int = 3  # draws averaged by the UniverSeg ensemble; <= 1: off
+    subsets: int = 0  # members of ensemble-subsets; <= 1: off
+    candidates: int = 5  # K; <= 1: off
+    candidate_sizes: tuple[int, ...] | None = (4, 16)
+    nnunet_steps: int = 0  # 0: off
+    nnunet_sizes: tuple[int, ...] | None = (4, 16)
+    seed: int = 0
 
 
 def _dices(probs: np.ndarray, refs: np.ndarray) -> list[float]:
@@ -189,28 +114,37 @@ def _dices(probs: np.ndarray, refs: np.ndarray) -> list[float]:
 
 
 def _mean(vals: Sequence[float]) -> float:
-    v = [x for x in vals if not math.isnan(x)]
+    v = [x for x in vals if x is not None and not math.isnan(x)]
     return float(np.mean(v)) if v else math.nan
 
 
-def ged(candidates: np.ndarray, ref: np.ndarray) -> float:
-    """Generalised energy distance with one reference: candidates [K, H, W] binary, ref [H, W].
-    d = 1 - IoU (two empty masks: d = 0)."""
+def mean_of_support(labels: np.ndarray) -> np.ndarray:
+    """The trivial predictor: support masks [S, H, W] (0/1) -> bool [H, W], their pixelwise mean >= 0.5."""
+    return np.asarray(labels, dtype=np.float32).mean(0) >= 0.5
 
-    def d(a: np.ndarray, b: np.ndarray) -> float:
-        union = np.logical_or(a, b).sum()
-        return 0.0 if union == 0 else 1.0 - np.logical_and(a, b).sum() / union
 
-    k = len(candidates)
-    cross = np.mean([d(c, ref) for c in candidates])
-    within = np.mean([d(candidates[i], candidates[j]) for i in range(k) for j in range(k)]) if k > 1 else 0.0
-    return float(math.sqrt(max(0.0, 2 * cross - within)))
+def _d(a: np.ndarray, b: np.ndarray) -> float:
+    union = np.logical_or(a, b).sum()
+    return 0.0 if union == 0 else 1.0 - np.logical_and(a, b).sum() / union
+
+
+def ged(candidates: np.ndarray, refs: np.ndarray) -> float:
+    """Generalised energy distance between candidates [K, H, W] and references [R, H, W] (or one [H, W]),
+    all binary: GED^2 = 2 E[d(S, Y)] - E[d(S, S')] - E[d(Y, Y')], d = 1 - IoU (two empty masks: d = 0),
+    expectations over all pairs (so identical sets give 0). One reference: the last term is 0."""
+    c = np.asarray(candidates, dtype=bool)
+    y = np.asarray(refs, dtype=bool)
+    y = y[None] if y.ndim == 2 else y
+    cross = np.mean([_d(a, b) for a in c for b in y])
+    within_c = np.mean([_d(a, b) for a in c for b in c])
+    within_y = np.mean([_d(a, b) for a in y for b in y])
+    return float(math.sqrt(max(0.0, 2 * cross - within_c - within_y)))
 
 
 def _nnunet_dice(
     sx: torch.Tensor, sy: torch.Tensor, qx: torch.Tensor, qy: torch.Tensor, steps: int, device: str, seed: int
 ) -> tuple[float, float]:
-    """Train a 'tiny' nnU-Net on the support (N images) and score the queries: (mean Dice, seconds)."""
+    """Train a 'tiny' nnU-Net on the support (S images) and score the queries: (mean Dice, seconds)."""
     from weightzoo.data.slices import Preprocessing, SliceSet
     from weightzoo.train.loop import TrainConfig, train_on_slices
 
@@ -236,231 +170,501 @@ def _nnunet_dice(
     return _mean(_dices(probs, qy.numpy())), res.seconds
 
 
+def query_batch(s: int, size: int) -> int:
+    """Queries per forward pass: about 32 support entries at 64 px per batch. Larger batches were slower
+    on a CPU (1.1 M parameters, 128 px, S = 64: 4.3 s/query at batch 1, 8.5 s at batch 8) and need more
+    memory, since each query carries its own support stream."""
+    return int(max(1, min(8, 32 // max(1, round(s * (size / 64) ** 2)))))
+
+
+def _in(sizes: Sequence[int] | None, s: int) -> bool:
+    return sizes is None or s in sizes
+
+
+def _best(cands: np.ndarray, ref: np.ndarray) -> float:
+    """Best Dice of candidates [K, H, W] against ref [H, W] (NaN only when every one is NaN)."""
+    return _mean([max((d for d in (dice(c, ref) for c in cands) if not math.isnan(d)), default=math.nan)])
+
+
 def evaluate_task(
     net: Any,
     task: EvalTask,
-    support_sizes: Sequence[int],
-    repeats: int = 2,
-    n_queries: int = 12,
-    ensemble: int = 4,
-    candidates: int = 5,
-    nnunet_steps: int = 0,
-    nnunet_sizes: Sequence[int] | None = None,
-    seed: int = 0,
+    settings: EvalSettings | None = None,
     device: str = "auto",
     log: Callable[[str], None] | None = None,
-) -> list[dict[str, Any]]:
-    """One row per support size N: mean (over draws) of each method's mean query Dice; see module doc."""
+) -> tuple[list[dict[str, Any]], list[int]]:
+    """-> (one row per evaluated S: each method's Dice, mean over draws; the S values skipped because
+    they exceed the support pool). See the module docstring."""
     with warnings.catch_warnings():  # a support of one is evaluated on purpose
         warnings.filterwarnings("ignore", "a support of one")
-        return _evaluate_task(
-            net,
-            task,
-            support_sizes,
-            repeats,
-            n_queries,
-            ensemble,
-            candidates,
-            nnunet_steps,
-            nnunet_sizes,
-            seed,
-            device,
-            log,
-        )
+        return _evaluate_task(net, task, settings or EvalSettings(), device, log)
 
 
 def _evaluate_task(
-    net: Any,
-    task: EvalTask,
-    support_sizes: Sequence[int],
-    repeats: int,
-    n_queries: int,
-    ensemble: int,
-    candidates: int,
-    nnunet_steps: int,
-    nnunet_sizes: Sequence[int] | None,
-    seed: int,
-    device: str,
-    log: Callable[[str], None] | None,
-) -> list[dict[str, Any]]:
+    net: Any, task: EvalTask, st: EvalSettings, device: str, log: Callable[[str], None] | None
+) -> tuple[list[dict[str, Any]], list[int]]:
     from weightzoo.incontext import segment_batch
 
-    q_idx, pool = split_queries(task, n_queries, seed)
-    qx, qy = task.images[q_idx], task.labels[q_idx]
-    refs = qy.numpy()
-    queries = list(qx.numpy())
-    rows = []
-    for n in support_sizes:
-        if n > len(pool):
+    q_idx, pool = split_queries(task, st.n_queries, st.seed)
+    queries = list(task.images[q_idx].numpy())
+    refs = task.labels[q_idx].numpy() > 0  # [Q, H, W]
+    ref_sets = refs[:, None]  # [Q, R, H, W]: every rater, for GED
+    if task.raters is not None:
+        ref_sets = np.concatenate([ref_sets, task.raters[q_idx].numpy() > 0], 1)
+    rows: list[dict[str, Any]] = []
+    skipped: list[int] = []
+    for s in st.support_sizes:
+        if s > len(pool):
+            skipped.append(s)
             continue
-        acc: dict[str, list[float]] = {}
         t0 = time.perf_counter()
-        for r in range(repeats):
-            rng = np.random.default_rng([seed, n, r])
+        chunk = CHUNK if s >= CHUNK_FROM else None
+        batch = query_batch(s, net.spec.size)
 
-            def draw(rng: np.random.Generator = rng, n: int = n) -> tuple[list[np.ndarray], list[np.ndarray]]:
-                idx = rng.choice(pool, n, replace=False)
-                return list(task.images[idx].numpy()), list(task.labels[idx].numpy() > 0)
-
-            sx, sy = draw()
-            kw = dict(model=net, seed=seed + r, device=device)
-            single = np.stack([p[0] for p in segment_batch(queries, sx, sy, **kw)])
-            acc.setdefault("single", []).append(_mean(_dices(single, refs)))
-            if ensemble > 1 and n > 1:
-                ens = np.stack([p[0] for p in segment_batch(queries, sx, sy, ensemble=ensemble, **kw)])
-                acc.setdefault("ensemble-subsets", []).append(_mean(_dices(ens, refs)))
-            if ensemble > 1:
-                draws = [single] + [
-                    np.stack([p[0] for p in segment_batch(queries, *draw(), **kw)])
-                    for _ in range(ensemble - 1)
-                ]
-                acc.setdefault("ensemble-draws", []).append(_mean(_dices(np.mean(draws, 0), refs)))
-            if candidates > 1:
-                cands = np.stack(segment_batch(queries, sx, sy, candidates=candidates, **kw))  # [Q, K, H, W]
-                best = [
-                    max(
-                        (d for d in _dices(c, np.repeat(ref[None], len(c), 0)) if not math.isnan(d)),
-                        default=math.nan,
-                    )
-                    for c, ref in zip(cands, refs, strict=True)
-                ]
-                acc.setdefault("best-candidate", []).append(_mean(best))
-                acc.setdefault("GED", []).append(
-                    float(np.mean([ged(c >= 0.5, ref > 0) for c, ref in zip(cands, refs, strict=True)]))
+        def predict(
+            idx: np.ndarray, seed: int, chunk: int | None = chunk, batch: int = batch, **kw: int
+        ) -> np.ndarray:
+            """-> probabilities [Q, K, H, W] from the support pool[idx]."""
+            sx, sy = list(task.images[idx].numpy()), list(task.labels[idx].numpy())
+            return np.stack(
+                segment_batch(
+                    queries, sx, sy, model=net, seed=seed, device=device, batch_size=batch, chunk=chunk, **kw
                 )
-            if nnunet_steps > 0 and r == 0 and (nnunet_sizes is None or n in nnunet_sizes):
-                sxt, syt = torch.from_numpy(np.stack(sx)), torch.from_numpy(np.stack(sy)).float()
-                d, secs = _nnunet_dice(sxt, syt, qx, qy, nnunet_steps, device, seed)
-                acc["nnunet"] = [d]
-                acc["nnunet_seconds"] = [secs]
-        row = {"task": task.name, "N": n, "queries": len(q_idx), "pool": len(pool)}
+            )
+
+        acc: dict[str, list[float]] = defaultdict(list)
+        probs = []
+        for r in range(max(st.repeats, st.ensemble)):
+            idx = np.random.default_rng([st.seed, s, r]).choice(pool, s, replace=False)
+            p = predict(idx, st.seed + r)[:, 0]
+            probs.append(p)
+            if r >= st.repeats:  # an extra draw for the ensemble only
+                continue
+            acc["single"].append(_mean(_dices(p, refs)))
+            base = mean_of_support(task.labels[idx].numpy())
+            acc["mean-of-support"].append(_mean([dice(base, ref) for ref in refs]))
+            if st.subsets > 1 and s > 1:
+                acc["ensemble-subsets"].append(
+                    _mean(_dices(predict(idx, st.seed + r, ensemble=st.subsets)[:, 0], refs))
+                )
+            if r == 0 and st.candidates > 1 and _in(st.candidate_sizes, s):
+                cands = predict(idx, st.seed, candidates=st.candidates) >= 0.5  # [Q, K, H, W]
+                best = [_best(c, ref) for c, ref in zip(cands, refs, strict=True)]
+                acc["best-candidate"].append(_mean(best))
+                acc["GED"].append(float(np.mean([ged(c, y) for c, y in zip(cands, ref_sets, strict=True)])))
+            if r == 0 and st.nnunet_steps > 0 and _in(st.nnunet_sizes, s):
+                sx, sy = task.images[idx], task.labels[idx]
+                d, secs = _nnunet_dice(
+                    sx, sy, task.images[q_idx], task.labels[q_idx], st.nnunet_steps, device, st.seed
+                )
+                acc["nnunet"].append(d)
+                acc["nnunet-seconds"].append(secs)
+        if st.ensemble > 1:
+            e = st.ensemble
+            acc["ensemble"] = [
+                _mean(_dices(np.mean(probs[i : i + e], 0), refs)) for i in range(0, len(probs) - e + 1, e)
+            ]
+        row: dict[str, Any] = {"task": task.name, "S": s, "queries": len(q_idx), "pool": len(pool)}
         row.update({k: _mean(v) for k, v in acc.items()})
+        row["single-sd"] = float(np.std(acc["single"])) if len(acc["single"]) > 1 else math.nan  # over draws
+        row["single-baseline"] = row["single"] - row["mean-of-support"]
         row["seconds"] = round(time.perf_counter() - t0, 1)
         rows.append(row)
         if log:
             log(_row_line(row))
-    return rows
+    if skipped and log:
+        log(f"{task.name}: skipped S = {', '.join(map(str, skipped))} (support pool {len(pool)})")
+    return rows, skipped
 
 
 def _row_line(row: dict[str, Any]) -> str:
-    parts = [f"{k} {v:.3f}" for k, v in row.items() if isinstance(v, float) and k not in ("seconds",)]
-    return f"{row['task']} N={row['N']}: " + ", ".join(parts)
+    keys = ("single", "ensemble", "ensemble-subsets", "mean-of-support", "best-candidate", "GED", "nnunet")
+    parts = [f"{k} {row[k]:.3f}" for k in keys if isinstance(row.get(k), float) and not math.isnan(row[k])]
+    return f"{row['task']} S={row['S']}: " + ", ".join(parts) + f" ({row['seconds']} s)"
+
+
+# ---- summary over real tasks, goal checks ------------------------------------------------------------
+MEAN_KEYS = (
+    "single",
+    "ensemble",
+    "ensemble-subsets",
+    "mean-of-support",
+    "single-baseline",
+    "best-candidate",
+    "GED",
+    "nnunet",
+)
+
+
+def summarize(rows: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """Rows of all tasks -> (mean rows: per S the mean over the REAL tasks evaluated at that S, with the
+    UniverSeg anchor and the paired change of single from the previous S; goal checks: goal, ok
+    (True/False/None = not evaluated), detail)."""
+    real = [r for r in rows if r["task"] in REAL_TASKS]
+    sizes = sorted({r["S"] for r in real})
+    by = {(r["task"], r["S"]): r for r in real}
+    means: list[dict[str, Any]] = []
+    for i, s in enumerate(sizes):
+        rs = [r for r in real if r["S"] == s]
+        m: dict[str, Any] = {"S": s, "tasks": len(rs)}
+        m.update({k: _mean([r.get(k, math.nan) for r in rs]) for k in MEAN_KEYS})
+        if i > 0:  # paired over the tasks evaluated at both sizes: task mix changes do not count
+            prev = sizes[i - 1]
+            diffs = [r["single"] - by[(r["task"], prev)]["single"] for r in rs if (r["task"], prev) in by]
+            m["paired-change"] = _mean(diffs)
+            m["paired-tasks"] = len(diffs)
+        m["UniverSeg"] = UNIVERSEG_SINGLE.get(s)
+        m["UniverSeg-ensemble"] = UNIVERSEG_ENSEMBLE.get(s)
+        means.append(m)
+    return means, _checks(means, real)
+
+
+def _checks(means: list[dict[str, Any]], real: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    at = {m["S"]: m for m in means}
+    checks = []
+    m16 = at.get(16)
+    checks.append(
+        {
+            "goal": f"mean single >= {GOAL_S16:.2f} at S = 16",
+            "ok": None if m16 is None else bool(m16["single"] >= GOAL_S16),
+            "detail": "S = 16 not evaluated"
+            if m16 is None
+            else f"{m16['single']:.3f} over {m16['tasks']} tasks",
+        }
+    )
+    big = [m for m in means if m["S"] >= 4]
+    low = [m for m in big if not m["single-baseline"] >= GOAL_MARGIN]
+    detail = "; ".join(f"S = {m['S']}: {m['single-baseline']:+.3f}" for m in (low or big))
+    margins: dict[str, list[float]] = defaultdict(list)
+    for r in real:
+        if r["S"] >= 4:
+            margins[r["task"]].append(r["single-baseline"])
+    low_tasks = {t: min(v) for t, v in margins.items() if not min(v) >= GOAL_MARGIN}
+    if low_tasks:
+        detail += " | tasks below it at some S (min margin): " + ", ".join(
+            f"{t} {v:+.3f}" for t, v in sorted(low_tasks.items())
+        )
+    checks.append(
+        {
+            "goal": f"mean single >= mean-of-support + {GOAL_MARGIN:.2f} at every S >= 4",
+            "ok": None if not big else not low,
+            "detail": detail or "no S >= 4 evaluated",
+        }
+    )
+    steps = [m for m in means if "paired-change" in m]
+    falls = [m for m in steps if m["paired-change"] < 0]
+    prev = {m["S"]: p["S"] for p, m in itertools.pairwise(means)}
+    checks.append(
+        {
+            "goal": "mean single never falls as S grows (paired over tasks evaluated at both S)",
+            "ok": None if not steps else not falls,
+            "detail": "; ".join(
+                f"falls S = {prev[m['S']]} -> {m['S']} by {-m['paired-change']:.3f} ({m['paired-tasks']} tasks)"
+                for m in falls
+            )
+            or ("non-decreasing" if steps else "fewer than two S evaluated"),
+        }
+    )
+    return checks
+
+
+# ---- tables -------------------------------------------------------------------------------------------
+TASK_COLS = (
+    "S",
+    "single",
+    "ensemble",
+    "ensemble-subsets",
+    "mean-of-support",
+    "single-baseline",
+    "best-candidate",
+    "GED",
+    "nnunet",
+    "UniverSeg",
+)
+MEAN_COLS = (
+    "S",
+    "tasks",
+    "single",
+    "ensemble",
+    "ensemble-subsets",
+    "mean-of-support",
+    "single-baseline",
+    "paired-change",
+    "best-candidate",
+    "GED",
+    "nnunet",
+    "UniverSeg",
+    "UniverSeg-ensemble",
+)
+
+
+def _fmt(v: Any) -> str:
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return ""
+    return f"{v:.3f}" if isinstance(v, float) else str(v)
 
 
 def markdown_table(rows: list[dict[str, Any]], cols: Sequence[str]) -> str:
-    """Rows -> a GitHub markdown table of the given columns (missing values: –)."""
-
-    def fmt(v: Any) -> str:
-        if v is None or (isinstance(v, float) and math.isnan(v)):
-            return "–"
-        return f"{v:.3f}" if isinstance(v, float) else str(v)
-
+    """Rows -> a GitHub markdown table of the given columns (missing values: blank)."""
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-    lines += ["| " + " | ".join(fmt(r.get(c)) for c in cols) + " |" for r in rows]
+    lines += ["| " + " | ".join(_fmt(r.get(c)) for c in cols) + " |" for r in rows]
     return "\n".join(lines)
 
 
-TABLE_COLS = ("task", "N", "single", "ensemble-subsets", "ensemble-draws", "best-candidate", "GED", "nnunet")
+def _with_anchor(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [{**r, "UniverSeg": UNIVERSEG_SINGLE.get(r["S"])} for r in rows]
+
+
+def _cols(rows: list[dict[str, Any]], cols: Sequence[str]) -> list[str]:
+    """Drop the method columns nobody filled (e.g. nnunet when it was not asked for)."""
+    always = {"S", "tasks", "single", "mean-of-support", "single-baseline", "UniverSeg", "UniverSeg-ensemble"}
+    return [c for c in cols if c in always or any(_fmt(r.get(c)) for r in rows)]
+
+
+def checks_markdown(checks: list[dict[str, Any]]) -> str:
+    mark = {True: "PASS", False: "FAIL", None: "n/a"}
+    return "\n".join(f"- **{mark[c['ok']]}** {c['goal']}: {c['detail']}" for c in checks)
+
+
+def results_markdown(result: dict[str, Any]) -> str:
+    """The markdown report of one run: a table per task, the mean over real tasks, the goal checks."""
+    e = result["env"]
+    lines = [
+        f"# In-context held-out evaluation: {result['model']}",
+        "",
+        f"{e['date']} · {e['device']} · torch {e['torch']} · {result['n_params']:,} parameters · "
+        f"grid {result['size']} px · {result['seconds']} s",
+        "",
+        "Dice on the model grid; `single-baseline` = single − mean-of-support; UniverSeg = published mean "
+        "held-out Dice (blank where not published).",
+    ]
+    for info in result["task_info"]:
+        rs = [r for r in result["rows"] if r["task"] == info["name"]]
+        skip = f"; skipped S = {', '.join(map(str, info['skipped_sizes']))}" if info["skipped_sizes"] else ""
+        kind = "real" if info["real"] else "not real: excluded from the mean"
+        lines += [
+            "",
+            f"### {info['name']} ({kind})",
+            "",
+            f"{info['source']}: {info['images']} images in {info['groups']} groups; {info['queries']} queries, "
+            f"support pool {info['pool']}{skip}"
+            + (
+                f"; observer 2 vs 1 Dice on the queries {info['rater_dice']:.3f}"
+                if info.get("rater_dice")
+                else ""
+            ),
+            "",
+            markdown_table(_with_anchor(rs), _cols(rs, TASK_COLS)),
+        ]
+    means = result["mean_rows"]
+    lines += [
+        "",
+        "### MEAN over real held-out tasks",
+        "",
+        "`tasks` = real tasks evaluated at that S (larger S: fewer tasks); `paired-change` = mean change of "
+        "single from the previous S over the tasks evaluated at both.",
+        "",
+        markdown_table(means, _cols(means, MEAN_COLS)),
+        "",
+        f"UniverSeg: {UNIVERSEG_CITATION}.",
+        "",
+        "### Goals",
+        "",
+        checks_markdown(result["checks"]),
+        "",
+    ]
+    return "\n".join(lines)
+
+
+# ---- the run ------------------------------------------------------------------------------------------
+def device_line(net: torch.nn.Module) -> str:
+    """'cpu (AMD EPYC ..., 1 threads)' or 'cuda (NVIDIA ...)' for the device the net is on."""
+    dev = next(net.parameters()).device
+    if dev.type == "cuda":
+        return f"cuda ({torch.cuda.get_device_name(dev)})"
+    name = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                name = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"cpu ({name}, {torch.get_num_threads()} threads)"
 
 
 def run_evaluation(
-    model: str | Path | None,
-    tasks: Sequence[str],
-    support_sizes: Sequence[int],
-    out: str | Path,
+    model: str | Path | Any | None,
+    tasks: Sequence[str] = DEFAULT_TASKS,
+    out: str | Path = "incontext_eval",
+    settings: EvalSettings | None = None,
     data_root: str | Path | None = None,
-    repeats: int = 2,
-    n_queries: int = 12,
-    nnunet_steps: int = 150,
-    nnunet_sizes: Sequence[int] | None = (1, 4, 16, 64),
-    seed: int = 0,
     device: str = "auto",
     log: Callable[[str], None] | None = print,
+    loaded: dict[tuple[str, int], EvalTask] | None = None,
 ) -> dict[str, Any]:
-    """Evaluate on held-out tasks; writes out/results.json, out/results.md and out/report.html."""
+    """Evaluate one model (folder, loaded InContextNet, or None = shipped) on held-out tasks; writes
+    out/results.json, out/results.md, out/report.html (+ figures/dice_vs_support.png) and returns the
+    result. `loaded` caches tasks by (name, grid size) across calls. Real tasks need the real-data
+    folder (`data_root`, else $WEIGHTZOO_DATA or ../shared/data): InputError if it is missing."""
     from weightzoo.incontext import load_model
+    from weightzoo.incontext.model import count_parameters
 
+    st = settings or EvalSettings()
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    # No default data root: the package never depends on where a checkout keeps its test data.
-    # Tasks that need real data are skipped (with the reason) when --data is not given.
     net = load_model(model, device)
+    size = net.spec.size
+    loaded = {} if loaded is None else loaded
+    todo = [n for n in tasks if (n, size) not in loaded]
+    for t in load_tasks(todo, data_root, size, out / "cache", st.limit):  # all first: fail before any work
+        loaded[(t.name, size)] = t
     t0 = time.perf_counter()
     rows: list[dict[str, Any]] = []
-    skipped: dict[str, str] = {}
+    info = []
     for name in tasks:
-        try:
-            task = load_eval_task(name, Path(data_root) if data_root else None, net.spec.size, out / "cache")
-        except InputError as e:
-            if name.startswith("phantom"):
-                raise
-            skipped[name] = str(e)  # real data absent: say so, evaluate the rest
-            if log:
-                log(f"skipped {name}: {e}")
-            continue
-        rows += evaluate_task(
-            net, task, support_sizes, repeats, n_queries, 4, 5, nnunet_steps, nnunet_sizes, seed, device, log
+        task = loaded[(name, size)]
+        task_rows, skipped = evaluate_task(net, task, st, device, log)
+        rows += task_rows
+        q_idx, pool = split_queries(task, st.n_queries, st.seed)
+        rater_dice = None
+        if task.raters is not None:
+            rater_dice = _mean(_dices(task.raters[q_idx, 0].numpy(), task.labels[q_idx].numpy()))
+        info.append(
+            {
+                "name": name,
+                "real": task.real,
+                "source": task.source,
+                "images": len(task.groups),
+                "groups": len(set(task.groups)),
+                "queries": len(q_idx),
+                "pool": len(pool),
+                "skipped_sizes": skipped,
+                "rater_dice": rater_dice,
+            }
         )
+    means, checks = summarize(rows)
+    meta = getattr(net, "meta", {}) or {}
     result = {
-        "model": str(model) if model is not None else "shipped",
-        "model_meta": {
-            k: getattr(net, "meta", {}).get(k) for k in ("spec", "steps", "seconds", "device", "n_params")
+        "model": str(model) if isinstance(model, (str, Path)) else ("shipped" if model is None else "given"),
+        "n_params": count_parameters(net),
+        "size": size,
+        "model_meta": {k: meta.get(k) for k in ("spec", "steps", "seconds", "device")},
+        "env": {
+            "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+            "device": device_line(net),
+            "torch": torch.__version__,
         },
+        "settings": asdict(st),
         "tasks": list(tasks),
-        "support_sizes": list(support_sizes),
-        "repeats": repeats,
-        "n_queries": n_queries,
-        "nnunet_steps": nnunet_steps,
+        "task_info": info,
         "rows": rows,
-        "skipped": skipped,
+        "mean_rows": means,
+        "checks": checks,
+        "universeg": {
+            "citation": UNIVERSEG_CITATION,
+            "single": UNIVERSEG_SINGLE,
+            "ensemble": UNIVERSEG_ENSEMBLE,
+        },
         "seconds": round(time.perf_counter() - t0, 1),
     }
-    atomic_write_json(out / "results.json", _jsonable(result))
-    (out / "results.md").write_text(markdown_table(rows, TABLE_COLS) + "\n")
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(out / "results.json", jsonable(result))
+    atomic_write_bytes(out / "results.md", results_markdown(result).encode())
     result["report"] = _report(out, result)
     return result
 
 
-def _jsonable(x: Any) -> Any:
+def jsonable(x: Any) -> Any:
+    """Dicts/lists with NaN -> None (strict JSON)."""
     if isinstance(x, dict):
-        return {str(k): _jsonable(v) for k, v in x.items()}
+        return {str(k): jsonable(v) for k, v in x.items()}
     if isinstance(x, (list, tuple)):
-        return [_jsonable(v) for v in x]
+        return [jsonable(v) for v in x]
     if isinstance(x, float) and math.isnan(x):
         return None
     return x
 
 
-def _report(out: Path, result: dict[str, Any]) -> Path:
+CURVE_STYLES = {
+    "single": "o-",
+    "ensemble": "s--",
+    "mean-of-support": "x:",
+    "best-candidate": "^",
+    "nnunet": "d",
+}
+
+
+def plot_curves(result: dict[str, Any]) -> Any:
+    """Dice vs S (log2 axis): one panel per task and one for the mean over real tasks with the
+    UniverSeg anchor. -> a matplotlib Figure."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    rows, means = result["rows"], result["mean_rows"]
+    names = [i["name"] for i in result["task_info"]]
+    panels = [(n, [r for r in rows if r["task"] == n]) for n in names] + [("MEAN (real tasks)", means)]
+    cols = min(4, len(panels))
+    nrow = math.ceil(len(panels) / cols)
+    fig, axes = plt.subplots(nrow, cols, figsize=(3.3 * cols, 2.9 * nrow), squeeze=False)
+    for ax, (title, rs) in zip(axes.flat, panels, strict=False):
+        for key, style in CURVE_STYLES.items():
+            pts = [(r["S"], r[key]) for r in rs if isinstance(r.get(key), float) and not math.isnan(r[key])]
+            if pts:
+                ax.plot(*zip(*pts, strict=True), style, label=key, ms=4)
+        if rs is means:
+            ax.plot(list(UNIVERSEG_SINGLE), list(UNIVERSEG_SINGLE.values()), "k*-", label="UniverSeg", ms=7)
+            ax.plot(list(UNIVERSEG_ENSEMBLE), list(UNIVERSEG_ENSEMBLE.values()), "kP", label="UniverSeg ens.")
+        ax.set_xscale("log", base=2)
+        ticks = sorted({r["S"] for r in rs} | (set(UNIVERSEG_SINGLE) if rs is means else set()))
+        ax.set_xticks(ticks, [str(t) for t in ticks])
+        ax.minorticks_off()
+        ax.set(title=title, xlabel="support size S", ylim=(0, 1))
+        ax.title.set_fontsize(9)
+    for ax in axes.flat[len(panels) :]:
+        ax.axis("off")
+    for ax in axes[:, 0]:
+        ax.set_ylabel("Dice")
+    axes.flat[len(panels) - 1].legend(fontsize=6, loc="lower right")
+    fig.tight_layout()
+    return fig
+
+
+def _report(out: Path, result: dict[str, Any]) -> Path:
     from weightzoo.evaluate.report import Report
 
-    rows = result["rows"]
     rep = Report(out, "weightzoo in-context evaluation (held-out tasks)")
+    e = result["env"]
     rep.section(
         "Held-out tasks",
-        "Tasks never used in training. Dice per support size N (mean over random support draws and queries); "
-        "nnunet = a tiny nnU-Net trained on the same N examples.",
+        "Tasks never used in training. Dice per support size S (mean over seeded support draws and queries); "
+        "mean-of-support = the mean of the S support masks thresholded at 0.5 (a trivial baseline); "
+        "ensemble = average of independent draws (UniverSeg); best-candidate and GED on the first draw.",
     )
-    rep.table([{c: r.get(c) for c in TABLE_COLS} for r in rows], caption="Dice vs support size")
-    names = sorted({r["task"] for r in rows})
-    if names:
-        fig, axes = plt.subplots(1, len(names), figsize=(3.2 * len(names), 3), squeeze=False)
-        for ax, name in zip(axes[0], names, strict=True):
-            rs = [r for r in rows if r["task"] == name]
-            for key in ("single", "ensemble-draws", "best-candidate", "nnunet"):
-                pts = [(r["N"], r[key]) for r in rs if r.get(key) is not None and not math.isnan(r[key])]
-                if pts:
-                    ax.plot(*zip(*pts, strict=True), marker="o", label=key)
-            ax.set_xscale("log", base=2)
-            ax.set(title=name, xlabel="support size N", ylim=(0, 1))
-        axes[0][0].set_ylabel("Dice")
-        axes[0][-1].legend(fontsize=7)
-        rep.figure(fig, "dice_vs_support", "Held-out Dice vs support size.")
-    if result["skipped"]:
-        rep.text("Skipped: " + "; ".join(f"{k}: {v}" for k, v in result["skipped"].items()), note=True)
-    return rep.write(meta=f"model {result['model']} · {result['seconds']} s")
+    rep.table(
+        [{"task": r["task"], **{c: r.get(c) for c in TASK_COLS if c != "UniverSeg"}} for r in result["rows"]],
+        caption="Dice vs support size, per task",
+    )
+    rep.table(
+        [{c: m.get(c) for c in MEAN_COLS} for m in result["mean_rows"]],
+        caption="Mean over real held-out tasks (UniverSeg: published, blank where not published)",
+    )
+    for c in result["checks"]:
+        rep.text(
+            f"{ {True: 'PASS', False: 'FAIL', None: 'n/a'}[c['ok']] }: {c['goal']}: {c['detail']}", note=True
+        )
+    if result["rows"]:
+        rep.figure(plot_curves(result), "dice_vs_support", "Held-out Dice vs support size S (log2 axis).")
+    skipped = [
+        f"{i['name']}: {i['skipped_sizes']} (pool {i['pool']})"
+        for i in result["task_info"]
+        if i["skipped_sizes"]
+    ]
+    if skipped:
+        rep.text("S larger than the support pool, skipped: " + "; ".join(skipped), note=True)
+    rep.text(f"UniverSeg anchor: {UNIVERSEG_CITATION}.")
+    return rep.write(
+        meta=f"model {result['model']} · {result['n_params']:,} parameters · {e['device']} · torch {e['torch']} · "
+        f"{e['date']} · {result['seconds']} s"
+    )
