@@ -32,20 +32,22 @@ from typing import Any
 import torch
 
 from weightzoo.fileio import atomic_write_bytes, atomic_write_json
-from weightzoo.incontext.evaluate import (
-    DEFAULT_TASKS,
+from weightzoo.incontext.evalreport import (
     UNIVERSEG_CITATION,
     UNIVERSEG_ENSEMBLE,
     UNIVERSEG_SINGLE,
+    checks_markdown,
+    jsonable,
+    markdown_table,
+    results_markdown,
+)
+from weightzoo.incontext.evaluate import (
+    DEFAULT_TASKS,
     EvalSettings,
     EvalTask,
-    checks_markdown,
     device_line,
-    jsonable,
     load_tasks,
-    markdown_table,
     query_batch,
-    results_markdown,
     run_evaluation,
     split_queries,
 )

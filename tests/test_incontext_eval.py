@@ -14,6 +14,7 @@ from PIL import Image
 
 from weightzoo.cli import main
 from weightzoo.errors import InputError, UnknownNameError
+from weightzoo.incontext.evalreport import results_markdown, summarize
 from weightzoo.incontext.evaluate import (
     EvalSettings,
     EvalTask,
@@ -21,10 +22,8 @@ from weightzoo.incontext.evaluate import (
     ged,
     load_eval_task,
     mean_of_support,
-    results_markdown,
     run_evaluation,
     split_queries,
-    summarize,
 )
 from weightzoo.incontext.heldout import corner_crops
 from weightzoo.incontext.model import InContextNet, InContextSpec

@@ -276,7 +276,8 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Dice vs support size on held-out tasks: single, ensemble, mean-of-support baseline, candidates
         (best-of-K, GED), optional nnU-Net; the mean over real tasks against UniverSeg and the goals."""
-        from weightzoo.incontext.evaluate import DEFAULT_TASKS, EvalSettings, checks_markdown, run_evaluation
+        from weightzoo.incontext.evalreport import checks_markdown
+        from weightzoo.incontext.evaluate import DEFAULT_TASKS, EvalSettings, run_evaluation
 
         def sizes(text: str, what: str) -> tuple[int, ...] | None:
             return None if text.strip() == "all" else tuple(_ints(text, what))

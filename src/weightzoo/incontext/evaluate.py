@@ -27,7 +27,6 @@ REAL tasks evaluated at that S (phantoms never enter it) and checks the goals (G
 from __future__ import annotations
 
 import datetime
-import itertools
 import math
 import platform
 import tempfile
@@ -44,6 +43,16 @@ import torch
 
 from weightzoo.evaluate.metrics import dice
 from weightzoo.fileio import atomic_write_bytes, atomic_write_json
+from weightzoo.incontext.evalreport import (
+    UNIVERSEG_CITATION,
+    UNIVERSEG_ENSEMBLE,
+    UNIVERSEG_SINGLE,
+    jsonable,
+    nanmean,
+    report,
+    results_markdown,
+    summarize,
+)
 from weightzoo.incontext.heldout import (
     DEFAULT_TASKS,
     EVAL_TASKS,
@@ -61,34 +70,20 @@ __all__ = [
     "EVAL_TASKS",
     "PHANTOM_TASKS",
     "REAL_TASKS",
-    "UNIVERSEG_CITATION",
     "EvalSettings",
     "EvalTask",
     "evaluate_task",
     "ged",
-    "jsonable",
     "load_eval_task",
     "load_tasks",
-    "markdown_table",
     "mean_of_support",
     "resolve_data_root",
-    "results_markdown",
     "run_evaluation",
     "split_queries",
-    "summarize",
 ]
 
-# Published anchor: UniverSeg's mean Dice over its held-out tasks vs support size (single prediction),
-# and with support-set ensembling at S = 64. Blank (None) where not published.
-UNIVERSEG_CITATION = (
-    "Butoi, Ortiz, Ma, Sabuncu, Guttag, Dalca: UniverSeg: Universal Medical Image Segmentation, "
-    "ICCV 2023 (held-out Dice vs support size)"
-)
-UNIVERSEG_SINGLE = {1: 0.53, 4: 0.63, 16: 0.70, 64: 0.71}
-UNIVERSEG_ENSEMBLE = {64: 0.717}
 SUPPORT_SIZES = (1, 2, 4, 8, 16, 32, 64)
 CHUNK, CHUNK_FROM = 16, 32  # walk the support 16 at a time from S = 32 on: bounded memory
-GOAL_S16, GOAL_MARGIN = 0.70, 0.15
 
 
 @dataclass(frozen=True)
@@ -111,11 +106,6 @@ class EvalSettings:
 def _dices(probs: np.ndarray, refs: np.ndarray) -> list[float]:
     """probs [Q, H, W] (0..1), refs [Q, H, W] -> per-query Dice (NaN when both empty)."""
     return [dice(p >= 0.5, r > 0) for p, r in zip(probs, refs, strict=True)]
-
-
-def _mean(vals: Sequence[float]) -> float:
-    v = [x for x in vals if x is not None and not math.isnan(x)]
-    return float(np.mean(v)) if v else math.nan
 
 
 def mean_of_support(labels: np.ndarray) -> np.ndarray:
@@ -167,7 +157,7 @@ def _nnunet_dice(
     with tempfile.TemporaryDirectory() as tmp:
         res = train_on_slices(train, None, cfg, Path(tmp) / "m", progress=False)
     probs = res.segmenter.predict_batch(qx[:, None].numpy())[:, 0]
-    return _mean(_dices(probs, qy.numpy())), res.seconds
+    return nanmean(_dices(probs, qy.numpy())), res.seconds
 
 
 def query_batch(s: int, size: int) -> int:
@@ -183,7 +173,7 @@ def _in(sizes: Sequence[int] | None, s: int) -> bool:
 
 def _best(cands: np.ndarray, ref: np.ndarray) -> float:
     """Best Dice of candidates [K, H, W] against ref [H, W] (NaN only when every one is NaN)."""
-    return _mean([max((d for d in (dice(c, ref) for c in cands) if not math.isnan(d)), default=math.nan)])
+    return nanmean([max((d for d in (dice(c, ref) for c in cands) if not math.isnan(d)), default=math.nan)])
 
 
 def evaluate_task(
@@ -240,17 +230,17 @@ def _evaluate_task(
             probs.append(p)
             if r >= st.repeats:  # an extra draw for the ensemble only
                 continue
-            acc["single"].append(_mean(_dices(p, refs)))
+            acc["single"].append(nanmean(_dices(p, refs)))
             base = mean_of_support(task.labels[idx].numpy())
-            acc["mean-of-support"].append(_mean([dice(base, ref) for ref in refs]))
+            acc["mean-of-support"].append(nanmean([dice(base, ref) for ref in refs]))
             if st.subsets > 1 and s > 1:
                 acc["ensemble-subsets"].append(
-                    _mean(_dices(predict(idx, st.seed + r, ensemble=st.subsets)[:, 0], refs))
+                    nanmean(_dices(predict(idx, st.seed + r, ensemble=st.subsets)[:, 0], refs))
                 )
             if r == 0 and st.candidates > 1 and _in(st.candidate_sizes, s):
                 cands = predict(idx, st.seed, candidates=st.candidates) >= 0.5  # [Q, K, H, W]
                 best = [_best(c, ref) for c, ref in zip(cands, refs, strict=True)]
-                acc["best-candidate"].append(_mean(best))
+                acc["best-candidate"].append(nanmean(best))
                 acc["GED"].append(float(np.mean([ged(c, y) for c, y in zip(cands, ref_sets, strict=True)])))
             if r == 0 and st.nnunet_steps > 0 and _in(st.nnunet_sizes, s):
                 sx, sy = task.images[idx], task.labels[idx]
@@ -262,10 +252,10 @@ def _evaluate_task(
         if st.ensemble > 1:
             e = st.ensemble
             acc["ensemble"] = [
-                _mean(_dices(np.mean(probs[i : i + e], 0), refs)) for i in range(0, len(probs) - e + 1, e)
+                nanmean(_dices(np.mean(probs[i : i + e], 0), refs)) for i in range(0, len(probs) - e + 1, e)
             ]
         row: dict[str, Any] = {"task": task.name, "S": s, "queries": len(q_idx), "pool": len(pool)}
-        row.update({k: _mean(v) for k, v in acc.items()})
+        row.update({k: nanmean(v) for k, v in acc.items()})
         row["single-sd"] = float(np.std(acc["single"])) if len(acc["single"]) > 1 else math.nan  # over draws
         row["single-baseline"] = row["single"] - row["mean-of-support"]
         row["seconds"] = round(time.perf_counter() - t0, 1)
@@ -283,200 +273,6 @@ def _row_line(row: dict[str, Any]) -> str:
     return f"{row['task']} S={row['S']}: " + ", ".join(parts) + f" ({row['seconds']} s)"
 
 
-# ---- summary over real tasks, goal checks ------------------------------------------------------------
-MEAN_KEYS = (
-    "single",
-    "ensemble",
-    "ensemble-subsets",
-    "mean-of-support",
-    "single-baseline",
-    "best-candidate",
-    "GED",
-    "nnunet",
-)
-
-
-def summarize(rows: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """Rows of all tasks -> (mean rows: per S the mean over the REAL tasks evaluated at that S, with the
-    UniverSeg anchor and the paired change of single from the previous S; goal checks: goal, ok
-    (True/False/None = not evaluated), detail)."""
-    real = [r for r in rows if r["task"] in REAL_TASKS]
-    sizes = sorted({r["S"] for r in real})
-    by = {(r["task"], r["S"]): r for r in real}
-    means: list[dict[str, Any]] = []
-    for i, s in enumerate(sizes):
-        rs = [r for r in real if r["S"] == s]
-        m: dict[str, Any] = {"S": s, "tasks": len(rs)}
-        m.update({k: _mean([r.get(k, math.nan) for r in rs]) for k in MEAN_KEYS})
-        if i > 0:  # paired over the tasks evaluated at both sizes: task mix changes do not count
-            prev = sizes[i - 1]
-            diffs = [r["single"] - by[(r["task"], prev)]["single"] for r in rs if (r["task"], prev) in by]
-            m["paired-change"] = _mean(diffs)
-            m["paired-tasks"] = len(diffs)
-        m["UniverSeg"] = UNIVERSEG_SINGLE.get(s)
-        m["UniverSeg-ensemble"] = UNIVERSEG_ENSEMBLE.get(s)
-        means.append(m)
-    return means, _checks(means, real)
-
-
-def _checks(means: list[dict[str, Any]], real: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    at = {m["S"]: m for m in means}
-    checks = []
-    m16 = at.get(16)
-    checks.append(
-        {
-            "goal": f"mean single >= {GOAL_S16:.2f} at S = 16",
-            "ok": None if m16 is None else bool(m16["single"] >= GOAL_S16),
-            "detail": "S = 16 not evaluated"
-            if m16 is None
-            else f"{m16['single']:.3f} over {m16['tasks']} tasks",
-        }
-    )
-    big = [m for m in means if m["S"] >= 4]
-    low = [m for m in big if not m["single-baseline"] >= GOAL_MARGIN]
-    detail = "; ".join(f"S = {m['S']}: {m['single-baseline']:+.3f}" for m in (low or big))
-    margins: dict[str, list[float]] = defaultdict(list)
-    for r in real:
-        if r["S"] >= 4:
-            margins[r["task"]].append(r["single-baseline"])
-    low_tasks = {t: min(v) for t, v in margins.items() if not min(v) >= GOAL_MARGIN}
-    if low_tasks:
-        detail += " | tasks below it at some S (min margin): " + ", ".join(
-            f"{t} {v:+.3f}" for t, v in sorted(low_tasks.items())
-        )
-    checks.append(
-        {
-            "goal": f"mean single >= mean-of-support + {GOAL_MARGIN:.2f} at every S >= 4",
-            "ok": None if not big else not low,
-            "detail": detail or "no S >= 4 evaluated",
-        }
-    )
-    steps = [m for m in means if "paired-change" in m]
-    falls = [m for m in steps if m["paired-change"] < 0]
-    prev = {m["S"]: p["S"] for p, m in itertools.pairwise(means)}
-    checks.append(
-        {
-            "goal": "mean single never falls as S grows (paired over tasks evaluated at both S)",
-            "ok": None if not steps else not falls,
-            "detail": "; ".join(
-                f"falls S = {prev[m['S']]} -> {m['S']} by {-m['paired-change']:.3f} ({m['paired-tasks']} tasks)"
-                for m in falls
-            )
-            or ("non-decreasing" if steps else "fewer than two S evaluated"),
-        }
-    )
-    return checks
-
-
-# ---- tables -------------------------------------------------------------------------------------------
-TASK_COLS = (
-    "S",
-    "single",
-    "ensemble",
-    "ensemble-subsets",
-    "mean-of-support",
-    "single-baseline",
-    "best-candidate",
-    "GED",
-    "nnunet",
-    "UniverSeg",
-)
-MEAN_COLS = (
-    "S",
-    "tasks",
-    "single",
-    "ensemble",
-    "ensemble-subsets",
-    "mean-of-support",
-    "single-baseline",
-    "paired-change",
-    "best-candidate",
-    "GED",
-    "nnunet",
-    "UniverSeg",
-    "UniverSeg-ensemble",
-)
-
-
-def _fmt(v: Any) -> str:
-    if v is None or (isinstance(v, float) and math.isnan(v)):
-        return ""
-    return f"{v:.3f}" if isinstance(v, float) else str(v)
-
-
-def markdown_table(rows: list[dict[str, Any]], cols: Sequence[str]) -> str:
-    """Rows -> a GitHub markdown table of the given columns (missing values: blank)."""
-    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-    lines += ["| " + " | ".join(_fmt(r.get(c)) for c in cols) + " |" for r in rows]
-    return "\n".join(lines)
-
-
-def _with_anchor(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    return [{**r, "UniverSeg": UNIVERSEG_SINGLE.get(r["S"])} for r in rows]
-
-
-def _cols(rows: list[dict[str, Any]], cols: Sequence[str]) -> list[str]:
-    """Drop the method columns nobody filled (e.g. nnunet when it was not asked for)."""
-    always = {"S", "tasks", "single", "mean-of-support", "single-baseline", "UniverSeg", "UniverSeg-ensemble"}
-    return [c for c in cols if c in always or any(_fmt(r.get(c)) for r in rows)]
-
-
-def checks_markdown(checks: list[dict[str, Any]]) -> str:
-    mark = {True: "PASS", False: "FAIL", None: "n/a"}
-    return "\n".join(f"- **{mark[c['ok']]}** {c['goal']}: {c['detail']}" for c in checks)
-
-
-def results_markdown(result: dict[str, Any]) -> str:
-    """The markdown report of one run: a table per task, the mean over real tasks, the goal checks."""
-    e = result["env"]
-    lines = [
-        f"# In-context held-out evaluation: {result['model']}",
-        "",
-        f"{e['date']} · {e['device']} · torch {e['torch']} · {result['n_params']:,} parameters · "
-        f"grid {result['size']} px · {result['seconds']} s",
-        "",
-        "Dice on the model grid; `single-baseline` = single − mean-of-support; UniverSeg = published mean "
-        "held-out Dice (blank where not published).",
-    ]
-    for info in result["task_info"]:
-        rs = [r for r in result["rows"] if r["task"] == info["name"]]
-        skip = f"; skipped S = {', '.join(map(str, info['skipped_sizes']))}" if info["skipped_sizes"] else ""
-        kind = "real" if info["real"] else "not real: excluded from the mean"
-        lines += [
-            "",
-            f"### {info['name']} ({kind})",
-            "",
-            f"{info['source']}: {info['images']} images in {info['groups']} groups; {info['queries']} queries, "
-            f"support pool {info['pool']}{skip}"
-            + (
-                f"; observer 2 vs 1 Dice on the queries {info['rater_dice']:.3f}"
-                if info.get("rater_dice")
-                else ""
-            ),
-            "",
-            markdown_table(_with_anchor(rs), _cols(rs, TASK_COLS)),
-        ]
-    means = result["mean_rows"]
-    lines += [
-        "",
-        "### MEAN over real held-out tasks",
-        "",
-        "`tasks` = real tasks evaluated at that S (larger S: fewer tasks); `paired-change` = mean change of "
-        "single from the previous S over the tasks evaluated at both.",
-        "",
-        markdown_table(means, _cols(means, MEAN_COLS)),
-        "",
-        f"UniverSeg: {UNIVERSEG_CITATION}.",
-        "",
-        "### Goals",
-        "",
-        checks_markdown(result["checks"]),
-        "",
-    ]
-    return "\n".join(lines)
-
-
-# ---- the run ------------------------------------------------------------------------------------------
 def device_line(net: torch.nn.Module) -> str:
     """'cpu (AMD EPYC ..., 1 threads)' or 'cuda (NVIDIA ...)' for the device the net is on."""
     dev = next(net.parameters()).device
@@ -528,7 +324,7 @@ def run_evaluation(
         q_idx, pool = split_queries(task, st.n_queries, st.seed)
         rater_dice = None
         if task.raters is not None:
-            rater_dice = _mean(_dices(task.raters[q_idx, 0].numpy(), task.labels[q_idx].numpy()))
+            rater_dice = nanmean(_dices(task.raters[q_idx, 0].numpy(), task.labels[q_idx].numpy()))
         info.append(
             {
                 "name": name,
@@ -570,101 +366,5 @@ def run_evaluation(
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_json(out / "results.json", jsonable(result))
     atomic_write_bytes(out / "results.md", results_markdown(result).encode())
-    result["report"] = _report(out, result)
+    result["report"] = report(out, result)
     return result
-
-
-def jsonable(x: Any) -> Any:
-    """Dicts/lists with NaN -> None (strict JSON)."""
-    if isinstance(x, dict):
-        return {str(k): jsonable(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [jsonable(v) for v in x]
-    if isinstance(x, float) and math.isnan(x):
-        return None
-    return x
-
-
-CURVE_STYLES = {
-    "single": "o-",
-    "ensemble": "s--",
-    "mean-of-support": "x:",
-    "best-candidate": "^",
-    "nnunet": "d",
-}
-
-
-def plot_curves(result: dict[str, Any]) -> Any:
-    """Dice vs S (log2 axis): one panel per task and one for the mean over real tasks with the
-    UniverSeg anchor. -> a matplotlib Figure."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    rows, means = result["rows"], result["mean_rows"]
-    names = [i["name"] for i in result["task_info"]]
-    panels = [(n, [r for r in rows if r["task"] == n]) for n in names] + [("MEAN (real tasks)", means)]
-    cols = min(4, len(panels))
-    nrow = math.ceil(len(panels) / cols)
-    fig, axes = plt.subplots(nrow, cols, figsize=(3.3 * cols, 2.9 * nrow), squeeze=False)
-    for ax, (title, rs) in zip(axes.flat, panels, strict=False):
-        for key, style in CURVE_STYLES.items():
-            pts = [(r["S"], r[key]) for r in rs if isinstance(r.get(key), float) and not math.isnan(r[key])]
-            if pts:
-                ax.plot(*zip(*pts, strict=True), style, label=key, ms=4)
-        if rs is means:
-            ax.plot(list(UNIVERSEG_SINGLE), list(UNIVERSEG_SINGLE.values()), "k*-", label="UniverSeg", ms=7)
-            ax.plot(list(UNIVERSEG_ENSEMBLE), list(UNIVERSEG_ENSEMBLE.values()), "kP", label="UniverSeg ens.")
-        ax.set_xscale("log", base=2)
-        ticks = sorted({r["S"] for r in rs} | (set(UNIVERSEG_SINGLE) if rs is means else set()))
-        ax.set_xticks(ticks, [str(t) for t in ticks])
-        ax.minorticks_off()
-        ax.set(title=title, xlabel="support size S", ylim=(0, 1))
-        ax.title.set_fontsize(9)
-    for ax in axes.flat[len(panels) :]:
-        ax.axis("off")
-    for ax in axes[:, 0]:
-        ax.set_ylabel("Dice")
-    axes.flat[len(panels) - 1].legend(fontsize=6, loc="lower right")
-    fig.tight_layout()
-    return fig
-
-
-def _report(out: Path, result: dict[str, Any]) -> Path:
-    from weightzoo.evaluate.report import Report
-
-    rep = Report(out, "weightzoo in-context evaluation (held-out tasks)")
-    e = result["env"]
-    rep.section(
-        "Held-out tasks",
-        "Tasks never used in training. Dice per support size S (mean over seeded support draws and queries); "
-        "mean-of-support = the mean of the S support masks thresholded at 0.5 (a trivial baseline); "
-        "ensemble = average of independent draws (UniverSeg); best-candidate and GED on the first draw.",
-    )
-    rep.table(
-        [{"task": r["task"], **{c: r.get(c) for c in TASK_COLS if c != "UniverSeg"}} for r in result["rows"]],
-        caption="Dice vs support size, per task",
-    )
-    rep.table(
-        [{c: m.get(c) for c in MEAN_COLS} for m in result["mean_rows"]],
-        caption="Mean over real held-out tasks (UniverSeg: published, blank where not published)",
-    )
-    for c in result["checks"]:
-        rep.text(
-            f"{ {True: 'PASS', False: 'FAIL', None: 'n/a'}[c['ok']] }: {c['goal']}: {c['detail']}", note=True
-        )
-    if result["rows"]:
-        rep.figure(plot_curves(result), "dice_vs_support", "Held-out Dice vs support size S (log2 axis).")
-    skipped = [
-        f"{i['name']}: {i['skipped_sizes']} (pool {i['pool']})"
-        for i in result["task_info"]
-        if i["skipped_sizes"]
-    ]
-    if skipped:
-        rep.text("S larger than the support pool, skipped: " + "; ".join(skipped), note=True)
-    rep.text(f"UniverSeg anchor: {UNIVERSEG_CITATION}.")
-    return rep.write(
-        meta=f"model {result['model']} · {result['n_params']:,} parameters · {e['device']} · torch {e['torch']} · "
-        f"{e['date']} · {result['seconds']} s"
-    )
