@@ -9,7 +9,7 @@ sizes; support_labels: the same number of binary masks, each the size of its ima
 bool, or {0, v} such as {0, 255}). Returns float32 [candidates, H, W] in 0..1 at the query's size.
 
 Every image is normalised on its own (0.5th..99.5th percentile -> 0..1), centre-padded to a square
-and resized to the model's size (64 px for the shipped model); the result is mapped back.
+and resized to the model's size (128 px for the shipped model); the result is mapped back.
 
 - candidates=K: K plausible segmentations (Tyche): each candidate has its own noise input and the
   candidates interact inside the network, so they spread where the task is ambiguous.

@@ -126,7 +126,7 @@ def _add_to_report(
                 "seconds": res["seconds_segment"],
             }
         ],
-        caption="In-context Dice on held-out query slices (64 px grid).",
+        caption="In-context Dice on held-out query slices (on the query's grid).",
     )
     n_s, n_q = min(3, len(sx)), min(4, len(qx))
     fig, axes = plt.subplots(1, n_s + n_q, figsize=(2.2 * (n_s + n_q), 2.5))
