@@ -86,28 +86,22 @@ def incontext_file(
     return paths
 
 
-def _ints(text: str, what: str) -> list[int]:
+def _positive(text: str, what: str, kind: type = int) -> list:
+    """'1,2,4' -> [1, 2, 4] (kind int) or '0.2,0.8' -> [0.2, 0.8] (kind float); one-line error otherwise."""
+    example = "1,2,4,8" if kind is int else "0.2,0.8"
     try:
-        vals = [int(v) for v in text.split(",") if v.strip()]
+        vals = [kind(v) for v in text.split(",") if v.strip()]
     except ValueError:
         raise InputError(
-            f"{what} '{text}' is not a comma-separated list of integers", "e.g. 1,2,4,8"
-        ) from None
-    if not vals or min(vals) < 1:
-        raise InputError(f"{what} '{text}'", "give positive integers, e.g. 1,2,4,8")
-    return vals
-
-
-def _floats(text: str, what: str) -> list[float]:
-    try:
-        vals = [float(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise InputError(
-            f"{what} '{text}' is not a comma-separated list of numbers", "e.g. 0.2,0.8"
+            f"{what} '{text}' is not a comma-separated list of {kind.__name__}s", f"e.g. {example}"
         ) from None
     if not vals or min(vals) <= 0:
-        raise InputError(f"{what} '{text}'", "give positive numbers, e.g. 0.2,0.8")
+        raise InputError(f"{what} '{text}'", f"give positive numbers, e.g. {example}")
     return vals
+
+
+def _ints(text: str, what: str) -> list[int]:
+    return _positive(text, what, int)
 
 
 def register(app: typer.Typer) -> None:
@@ -215,7 +209,7 @@ def register(app: typer.Typer) -> None:
             over["sources"] = [t.strip() for t in tasks.split(",") if t.strip()]
             over["weights"] = None
         if weights is not None:
-            over["weights"] = _floats(weights, "--weights")
+            over["weights"] = _positive(weights, "--weights", float)
         for key, val in (("steps", steps), ("warmup", warmup), ("val_tasks", val_tasks)):
             if val is not None:
                 over[key] = val

@@ -122,18 +122,7 @@ def _checks(means: list[dict[str, Any]], real: list[dict[str, Any]]) -> list[dic
 
 
 # ---- tables -------------------------------------------------------------------------------------------
-TASK_COLS = (
-    "S",
-    "single",
-    "ensemble",
-    "ensemble-subsets",
-    "mean-of-support",
-    "single-baseline",
-    "best-candidate",
-    "GED",
-    "nnunet",
-    "UniverSeg",
-)
+TASK_COLS = ("S", *MEAN_KEYS, "UniverSeg")
 MEAN_COLS = (
     "S",
     "tasks",
