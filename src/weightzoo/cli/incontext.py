@@ -182,14 +182,21 @@ def register(app: typer.Typer) -> None:
             None,
             "--tasks",
             help="Sources (default: the preset's): synth, synth-shapes, synth-superpixel, phantom, raw:PATH, "
-            "real (real data from $WEIGHTZOO_DATA or ../shared/data), real:NAME, real-texture.",
+            "real (real data from $WEIGHTZOO_DATA or ../shared/data), real:NAME, real-texture, "
+            "curves, real-texture-curves (thin structures).",
         ),
         weights: str | None = typer.Option(
             None, "--weights", help="One sampling weight per --tasks entry, e.g. 0.2,0.8 (default: equal)."
         ),
         out: Path = typer.Option(..., "--out", "-o", help="Model folder to write (resumes its checkpoint)."),
         preset: str = typer.Option(
-            "cpu", "--preset", help="tiny (tests) | cpu (the shipped recipe) | cpu-v1 (the first one) | gpu."
+            "cpu",
+            "--preset",
+            help="tiny (tests) | cpu (the base of the shipped model) | cpu-ft (the shipped model: fine-tunes "
+            "--init) | cpu-v1 (the first one) | gpu.",
+        ),
+        init: str | None = typer.Option(
+            None, "--init", help="Fine-tune from this model folder ('shipped': the installed weights)."
         ),
         steps: int | None = typer.Option(None, "--steps", help="Override the preset's steps."),
         features: str | None = typer.Option(None, "--features", help="Channels per level, e.g. 8,16,24,32."),
@@ -210,7 +217,7 @@ def register(app: typer.Typer) -> None:
             over["weights"] = None
         if weights is not None:
             over["weights"] = _positive(weights, "--weights", float)
-        for key, val in (("steps", steps), ("warmup", warmup), ("val_tasks", val_tasks)):
+        for key, val in (("steps", steps), ("warmup", warmup), ("val_tasks", val_tasks), ("init", init)):
             if val is not None:
                 over[key] = val
         if features:

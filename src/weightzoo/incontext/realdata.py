@@ -221,6 +221,17 @@ def texture_bank(pools: list[Pools], limit: int = 2000, seed: int = 0) -> torch.
 
 
 # ---- synthetic tasks on real textures (ScribblePrompt / UniverSeg style) ----------------------------
+def bank_texture(bank: torch.Tensor, n: int, g: torch.Generator) -> torch.Tensor:
+    """One bank image [M, s, s] seen n ways (random crop/rotation/scale): [n, s, s], zero mean, unit std."""
+    src = bank[int(torch.randint(len(bank), (), generator=g))]
+    grid = _affine_grid(n, bank.shape[-1], g, math.pi, 1.5, 0.5, shared=False)
+    t = F.grid_sample(src.expand(n, 1, *src.shape), grid, padding_mode="reflection", align_corners=False)[
+        :, 0
+    ]
+    t = t - t.mean((-2, -1), keepdim=True)
+    return t / t.flatten(1).std(1).clamp_min(1e-3)[:, None, None]
+
+
 class RealTextureShapes(SynthShapes):
     """SynthShapes whose background and object classes are textured with real images: each class
     takes one bank image, and every image of the task sees its own random crop/rotation of it."""
@@ -233,13 +244,7 @@ class RealTextureShapes(SynthShapes):
         self.bank = bank  # [M, s, s] in 0..1
 
     def _texture(self, n: int, g: torch.Generator) -> torch.Tensor:
-        src = self.bank[int(torch.randint(len(self.bank), (), generator=g))]
-        grid = _affine_grid(n, self.size, g, math.pi, 1.5, 0.5, shared=False)
-        t = F.grid_sample(src.expand(n, 1, *src.shape), grid, padding_mode="reflection", align_corners=False)[
-            :, 0
-        ]
-        t = t - t.mean((-2, -1), keepdim=True)
-        return t / t.flatten(1).std(1).clamp_min(1e-3)[:, None, None]
+        return bank_texture(self.bank, n, g)
 
 
 class RealSuperpixel(SynthSuperpixel):
@@ -269,7 +274,8 @@ class RealSuperpixel(SynthSuperpixel):
 
 
 def real_sources(names: list[str], size: int, cache: str | Path, data_root: str | Path | None = None) -> list:
-    """SliceTasks per real dataset, or, for 'real-texture', the two real-texture generators.
+    """SliceTasks per real dataset, or, for 'real-texture', the two real-texture generators
+    ('real-texture-curves': the thin-structure one).
 
     A dataset's share of the draws is sqrt(number of tasks), capped at 3: more tasks count, but the
     152 organ tasks of the two TotalSegmentator examples (two subjects) do not drown the rest."""
@@ -277,9 +283,15 @@ def real_sources(names: list[str], size: int, cache: str | Path, data_root: str 
 
     out = []
     for name in names:
-        if name == "real-texture":
+        if name in ("real-texture", "real-texture-curves"):
+            from weightzoo.incontext.curves import RealTextureCurves
+
             bank = texture_bank([real_pools(n, size, cache, data_root) for n in REAL_DATASETS])
-            out += [RealTextureShapes(bank), RealSuperpixel(bank)]
+            out += (
+                [RealTextureShapes(bank), RealSuperpixel(bank)]
+                if name == "real-texture"
+                else [RealTextureCurves(bank)]
+            )
             continue
         src = SliceTasks(f"real:{name}", real_pools(name, size, cache, data_root))
         src.share = min(3.0, math.sqrt(len(src.keys)))  # type: ignore[attr-defined]

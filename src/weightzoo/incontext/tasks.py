@@ -14,6 +14,8 @@ Sources (hierarchical sampling: source -> task -> images):
   raw:PATH          any nnU-Net raw dataset (e.g. from `weightzoo data import`), every task x site
   real, real:NAME   real training datasets (nuclei, axon/myelin, sagittal cord, CT/MR organs) and
   real-texture      synthetic label maps on their images: weightzoo.incontext.realdata
+  curves            thin structures (vessel trees, fibres, membranes); real-texture-curves: the same
+                    on real images: weightzoo.incontext.curves
 
 Augmentation: `task_augment` draws ONE transform for the whole task (intensity inversion, label
 flip, morphological edit of the label, affine, elastic, blur, noise), so the task changes but stays
@@ -537,6 +539,8 @@ SOURCE_NAMES = (
     "real:errsm",
     "real:totalseg",
     "real-texture",
+    "curves",
+    "real-texture-curves",
 )
 
 
@@ -546,7 +550,8 @@ def build_sources(
     """Sources from names: synth (= both synthetic generators), synth-shapes, synth-superpixel,
     phantom, raw:PATH (an nnU-Net raw dataset folder), real (= every real training dataset of
     weightzoo.incontext.realdata, read from $WEIGHTZOO_DATA or ../shared/data), real:NAME (one of
-    them), real-texture (synthetic label maps on real images)."""
+    them), real-texture (synthetic label maps on real images), curves and real-texture-curves (thin
+    structures: weightzoo.incontext.curves)."""
     out: list[TaskSource] = []
     for name in names:
         if name == "synth":
@@ -555,14 +560,20 @@ def build_sources(
             out.append(SynthShapes(size))
         elif name == "synth-superpixel":
             out.append(SynthSuperpixel(size))
+        elif name == "curves":
+            from weightzoo.incontext.curves import SynthCurves
+
+            out.append(SynthCurves(size))
         elif name == "phantom":
             out.append(phantom_source(Path(cache) / "phantom", size, split=split))
         elif name.startswith("raw:"):
             out.append(raw_source(name[4:], size, split=split))
-        elif name in ("real", "real-texture") or name.startswith("real:"):
+        elif name in ("real", "real-texture", "real-texture-curves") or name.startswith("real:"):
             from weightzoo.incontext.realdata import REAL_DATASETS, real_sources
 
-            which = list(REAL_DATASETS) if name == "real" else [name if name == "real-texture" else name[5:]]
+            which = (
+                list(REAL_DATASETS) if name == "real" else [name[5:] if name.startswith("real:") else name]
+            )
             out += real_sources(which, size, Path(cache) / "real")
         else:
             raise UnknownNameError("task source", name, SOURCE_NAMES)

@@ -73,6 +73,7 @@ class InContextConfig:
     checkpoint_every: int = 100
     val_tasks: int = 24
     val_support: int = 8
+    init: str | None = None  # fine-tune: start from this model folder ("shipped": the installed weights)
 
     def __post_init__(self) -> None:
         if isinstance(self.sources, str):
@@ -100,8 +101,24 @@ class InContextConfig:
 
     @classmethod
     def preset(cls, name: str, **overrides: Any) -> InContextConfig:
-        """'tiny' (tests: seconds on a CPU), 'cpu' (the shipped model's recipe), 'cpu-v1' (the first
+        """'tiny' (tests: seconds on a CPU), 'cpu' (the base of the shipped model), 'cpu-ft' (the shipped
+        model: `cpu`'s weights fine-tuned at 128 px with thin-structure tasks), 'cpu-v1' (the first
         shipped model's recipe: 64 px, synthetic + phantom tasks), 'gpu' (not run yet)."""
+        cpu: dict[str, Any] = dict(
+            sources=["synth", "real-texture", "real", "phantom"],
+            weights=[0.15, 0.25, 0.5, 0.1],
+            features=[16, 32, 64, 96],
+            size=128,
+            warm_size=64,
+            warm_fraction=0.85,
+            support_max=10,
+            steps=2400,
+            lr=1e-3,
+            warmup=100,
+            log_every=100,
+            checkpoint_every=100,
+            val_tasks=16,
+        )
         presets: dict[str, dict[str, Any]] = {
             "tiny": dict(
                 sources=["synth"],
@@ -117,35 +134,35 @@ class InContextConfig:
                 val_tasks=4,
                 val_support=3,
             ),
-            "cpu": dict(
-                sources=["synth", "real-texture", "real", "phantom"],
-                weights=[0.15, 0.25, 0.5, 0.1],
-                features=[16, 32, 64, 96],
-                size=128,
-                warm_size=64,
-                warm_fraction=0.85,
-                support_max=10,
-                steps=2400,
-                lr=1e-3,
-                warmup=100,
-                log_every=100,
-                checkpoint_every=100,
-                val_tasks=16,
-            ),
+            "cpu": cpu,
+            "cpu-ft": {  # the shipped model: `cpu`'s output fine-tuned at 128 px with thin structures
+                **cpu,
+                "sources": [*cpu["sources"], "curves", "real-texture-curves"],
+                "weights": [0.12, 0.2, 0.43, 0.08, 0.07, 0.1],
+                "warm_size": None,
+                "warm_fraction": 0.0,
+                "support_max": 16,
+                "steps": 1000,
+                "lr": 3e-4,
+                "warmup": 25,
+                "log_every": 50,
+                "checkpoint_every": 25,
+                "init": "shipped",
+            },
             "cpu-v1": dict(features=[8, 16, 24, 32], steps=2000, warmup=50, val_tasks=16),
-            "gpu": dict(  # not run yet (no GPU lent); sized for ~10 min on one large GPU, unmeasured
-                sources=["synth", "real-texture", "real", "phantom"],
-                weights=[0.15, 0.25, 0.5, 0.1],
-                features=[16, 32, 64, 96],
-                size=128,
-                support_max=16,
-                tasks_per_batch=16,
-                steps=6000,
-                warmup=200,
-                log_every=250,
-                checkpoint_every=500,
-                val_tasks=64,
-            ),
+            "gpu": {  # not run yet (no GPU lent); sized for ~10 min on one large GPU, unmeasured
+                **cpu,
+                "warm_size": None,
+                "warm_fraction": 0.0,
+                "support_max": 16,
+                "tasks_per_batch": 16,
+                "steps": 6000,
+                "lr": 2e-3,
+                "warmup": 200,
+                "log_every": 250,
+                "checkpoint_every": 500,
+                "val_tasks": 64,
+            },
         }
         if name not in presets:
             from weightzoo.errors import UnknownNameError
@@ -265,6 +282,7 @@ def train_incontext(
     cache = Path(cache) if cache is not None else out / "cache"
     torch.manual_seed(cfg.seed)
     net = InContextNet(cfg.spec()).to(device)
+    init = _load_init(net, cfg.init) if cfg.init else None
     wrapped = dp.wrap(net, static_graph=False)  # before restoring: DDP broadcasts rank 0's weights
     opt = torch.optim.Adam(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     start, history, seconds_before = 0, [], 0.0
@@ -357,6 +375,7 @@ def train_incontext(
         "torch": torch.__version__,
         "command": command,
         "final": history[-1] if history else {},
+        "init": init,
         "finished": True,
         **dp.summary(),
     }
@@ -370,6 +389,25 @@ def train_incontext(
             (out / name).unlink(missing_ok=True)
     dp.barrier()
     return meta
+
+
+def _load_init(net: InContextNet, init: str) -> dict[str, Any]:
+    """Fine-tuning: copy the weights of model folder `init` ('shipped': the installed ones) into `net`;
+    returns what identifies them (folder, sha256 of the weights, its steps and command)."""
+    import hashlib
+
+    folder = shipped_weights_dir() if init == "shipped" else Path(init)
+    base = load_incontext_model(folder, "cpu")
+    if base.spec != net.spec:
+        raise InputError(
+            f"the init model's network {base.spec.to_dict()} differs from this config's {net.spec.to_dict()}",
+            "use the same features and size as the init model",
+            folder,
+        )
+    net.load_state_dict(base.state_dict())
+    meta = base.meta  # type: ignore[attr-defined]
+    sha = hashlib.sha256((folder / WEIGHTS).read_bytes()).hexdigest()
+    return {"folder": str(folder), "sha256": sha, "steps": meta.get("steps"), "command": meta.get("command")}
 
 
 def _device_line(device: torch.device) -> str:
