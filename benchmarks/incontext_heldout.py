@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime
+import os
 import platform
 import sys
 import time
@@ -154,6 +155,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--device", default="cpu", help="cpu | cuda | auto")
     ap.add_argument("--threads", type=int, default=1, help="torch CPU threads (the budget is one core)")
     args = ap.parse_args(argv)
+    args.data = args.data or os.environ.get("WEIGHTZOO_DATA") or "../shared/data"  # the developers' layout
 
     torch.set_num_threads(args.threads)
     st = QUICK if args.quick else FULL

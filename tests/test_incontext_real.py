@@ -144,3 +144,16 @@ def test_shipped_model_output_follows_the_support_labels() -> None:
     assert dice(p_disk, disks[0]) > dice(p_disk, squares[0])
     assert dice(p_square, squares[0]) > dice(p_square, disks[0])
     assert dice(p_disk, p_square) < 0.5
+
+
+def test_no_real_data_folder_is_guessed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from weightzoo.incontext.heldout import resolve_data_root
+
+    monkeypatch.delenv("WEIGHTZOO_DATA", raising=False)
+    monkeypatch.chdir(tmp_path)  # even with a ../shared/data beside it, nothing is read without being named
+    with pytest.raises(InputError, match=r"no real-data folder given.*WEIGHTZOO_DATA"):
+        real_pools("errsm", 32, tmp_path / "cache")
+    with pytest.raises(InputError, match=r"no real-data folder given.*--data"):
+        resolve_data_root(None)
+    monkeypatch.setenv("WEIGHTZOO_DATA", str(tmp_path))
+    assert resolve_data_root(None) == tmp_path

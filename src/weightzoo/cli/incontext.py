@@ -182,7 +182,7 @@ def register(app: typer.Typer) -> None:
             None,
             "--tasks",
             help="Sources (default: the preset's): synth, synth-shapes, synth-superpixel, phantom, raw:PATH, "
-            "real (real data from $WEIGHTZOO_DATA or ../shared/data), real:NAME, real-texture, "
+            "real (real data from the folder in $WEIGHTZOO_DATA), real:NAME, real-texture, "
             "curves, real-texture-curves (thin structures).",
         ),
         weights: str | None = typer.Option(
@@ -245,7 +245,7 @@ def register(app: typer.Typer) -> None:
             None,
             "--data",
             help="Real-data folder holding wbc/, sct_testing_data/, chasedb1/, hc18/ "
-            "(default: $WEIGHTZOO_DATA, else ../shared/data).",
+            "(default: $WEIGHTZOO_DATA).",
         ),
         out: Path = typer.Option(
             Path("incontext_eval"), "--out", "-o", help="Folder for results.json, results.md, report.html."

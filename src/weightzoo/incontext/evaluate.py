@@ -302,7 +302,7 @@ def run_evaluation(
     """Evaluate one model (folder, loaded InContextNet, or None = shipped) on held-out tasks; writes
     out/results.json, out/results.md, out/report.html (+ figures/dice_vs_support.png) and returns the
     result. `loaded` caches tasks by (name, grid size) across calls. Real tasks need the real-data
-    folder (`data_root`, else $WEIGHTZOO_DATA or ../shared/data): InputError if it is missing."""
+    folder (`data_root`, else $WEIGHTZOO_DATA): InputError if it is missing."""
     from weightzoo.incontext import load_model
     from weightzoo.incontext.model import count_parameters
 

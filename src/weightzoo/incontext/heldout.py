@@ -71,11 +71,11 @@ class EvalTask:
 
 
 def resolve_data_root(data_root: str | Path | None) -> Path:
-    """The real-data folder: `data_root`, else $WEIGHTZOO_DATA, else ../shared/data; InputError if absent."""
-    from weightzoo.incontext.realdata import default_data_root
+    """The real-data folder: `data_root`, else $WEIGHTZOO_DATA; InputError if neither or absent."""
+    from weightzoo.incontext.realdata import data_root_or_env
 
     given = data_root is not None
-    root = Path(data_root) if given else default_data_root()
+    root = data_root_or_env(data_root, DATA_FIX + ", or set WEIGHTZOO_DATA")
     if not root.is_dir():
         fix = DATA_FIX if given else DATA_FIX + ", or set WEIGHTZOO_DATA"
         raise InputError("real-data folder not found", fix, root)

@@ -45,12 +45,19 @@ from weightzoo.incontext.tasks import (
 
 Pools = dict[str, tuple[torch.Tensor, torch.Tensor]]  # key -> (images [N, s, s] 0..1, labels {0, 1})
 CACHE_VERSION = 1
+REAL_DATA_FIX = "set WEIGHTZOO_DATA to the shared real-data folder (the one holding dsb2018_nuclei/ ...)"
 MIN_IMAGES = 4  # a task needs at least this many images to give a support set and a query
 
 
-def default_data_root() -> Path:
-    """$WEIGHTZOO_DATA, else ../shared/data beside the current folder (the developers' layout)."""
-    return Path(os.environ.get("WEIGHTZOO_DATA", "../shared/data"))
+def data_root_or_env(data_root: str | Path | None, fix: str) -> Path:
+    """`data_root`, else $WEIGHTZOO_DATA. The package never guesses a folder: InputError (with `fix`)
+    when neither is given."""
+    if data_root is not None:
+        return Path(data_root)
+    env = os.environ.get("WEIGHTZOO_DATA")
+    if not env:
+        raise InputError("no real-data folder given", fix)
+    return Path(env)
 
 
 def _tiles(h: int, w: int, tile: int, max_tiles: int) -> Iterator[tuple[int, int, int]]:
@@ -188,16 +195,16 @@ def real_pools(name: str, size: int, cache: str | Path, data_root: str | Path | 
 
     if name not in REAL_DATASETS:
         raise UnknownNameError("real training dataset", name, list(REAL_DATASETS))
-    root = Path(data_root) if data_root is not None else default_data_root()
     folder, build = REAL_DATASETS[name]
     cached = Path(cache) / f"real-{name}-{size}px-v{CACHE_VERSION}.safetensors"
     if cached.exists():
         flat = load_file(str(cached))
         return {k[:-2]: (flat[k], flat[k[:-2] + "|y"]) for k in sorted(flat) if k.endswith("|x")}
+    root = data_root_or_env(data_root, REAL_DATA_FIX)
     if not (root / folder).is_dir():
         raise InputError(
             f"real training data '{name}' not found",
-            "set WEIGHTZOO_DATA to the shared real-data folder (the one holding dsb2018_nuclei/ ...)",
+            REAL_DATA_FIX,
             root / folder,
         )
     pools = build(root, size)

@@ -549,7 +549,7 @@ def build_sources(
 ) -> list[TaskSource]:
     """Sources from names: synth (= both synthetic generators), synth-shapes, synth-superpixel,
     phantom, raw:PATH (an nnU-Net raw dataset folder), real (= every real training dataset of
-    weightzoo.incontext.realdata, read from $WEIGHTZOO_DATA or ../shared/data), real:NAME (one of
+    weightzoo.incontext.realdata, read from $WEIGHTZOO_DATA), real:NAME (one of
     them), real-texture (synthetic label maps on real images), curves and real-texture-curves (thin
     structures: weightzoo.incontext.curves)."""
     out: list[TaskSource] = []
