@@ -25,6 +25,7 @@ import math
 import numpy as np
 import torch
 
+from weightzoo.incontext.realdata import OnRealTextures
 from weightzoo.incontext.tasks import (
     _coin,
     _coords,
@@ -189,17 +190,7 @@ class SynthCurves:
         return renormalize(torch.stack(xs)), torch.stack(ys), self.name
 
 
-class RealTextureCurves(SynthCurves):
+class RealTextureCurves(OnRealTextures, SynthCurves):
     """SynthCurves on real-image backgrounds: one bank image per task, a random crop/rotation per image."""
 
     name = "real-texture-curves"
-    texture_gain = 2.5
-
-    def __init__(self, bank: torch.Tensor):
-        super().__init__(bank.shape[-1])
-        self.bank = bank
-
-    def _texture(self, n: int, g: torch.Generator) -> torch.Tensor:
-        from weightzoo.incontext.realdata import bank_texture
-
-        return bank_texture(self.bank, n, g)

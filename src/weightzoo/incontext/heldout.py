@@ -74,10 +74,9 @@ def resolve_data_root(data_root: str | Path | None) -> Path:
     """The real-data folder: `data_root`, else $WEIGHTZOO_DATA; InputError if neither or absent."""
     from weightzoo.incontext.realdata import data_root_or_env
 
-    given = data_root is not None
-    root = data_root_or_env(data_root, DATA_FIX + ", or set WEIGHTZOO_DATA")
+    fix = DATA_FIX if data_root is not None else DATA_FIX + ", or set WEIGHTZOO_DATA"
+    root = data_root_or_env(data_root, fix)
     if not root.is_dir():
-        fix = DATA_FIX if given else DATA_FIX + ", or set WEIGHTZOO_DATA"
         raise InputError("real-data folder not found", fix, root)
     return root
 

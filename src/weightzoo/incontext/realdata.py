@@ -239,19 +239,25 @@ def bank_texture(bank: torch.Tensor, n: int, g: torch.Generator) -> torch.Tensor
     return t / t.flatten(1).std(1).clamp_min(1e-3)[:, None, None]
 
 
-class RealTextureShapes(SynthShapes):
+class OnRealTextures:
+    """Mixin for a generator with a `_texture(n, g)` hook (SynthShapes, SynthCurves): its textures
+    become crops of real images from `bank` [M, s, s] in 0..1, on an s x s grid."""
+
+    texture_gain = 2.5  # real crops are structured; a stronger contrast keeps them visible
+
+    def __init__(self, bank: torch.Tensor):
+        super().__init__(bank.shape[-1])  # type: ignore[call-arg]
+        self.bank = bank
+
+    def _texture(self, n: int, g: torch.Generator) -> torch.Tensor:
+        return bank_texture(self.bank, n, g)
+
+
+class RealTextureShapes(OnRealTextures, SynthShapes):
     """SynthShapes whose background and object classes are textured with real images: each class
     takes one bank image, and every image of the task sees its own random crop/rotation of it."""
 
     name = "real-texture-shapes"
-    texture_gain = 2.5  # real crops are structured; a stronger contrast keeps them visible
-
-    def __init__(self, bank: torch.Tensor):
-        super().__init__(bank.shape[-1])
-        self.bank = bank  # [M, s, s] in 0..1
-
-    def _texture(self, n: int, g: torch.Generator) -> torch.Tensor:
-        return bank_texture(self.bank, n, g)
 
 
 class RealSuperpixel(SynthSuperpixel):
