@@ -410,7 +410,7 @@ def test_demo_generate_shows_a_generated_network_next_to_the_zoo_best(
     from weightzoo.generate.demo import demo_generate
 
     rep = Report(tmp_path / "report", "demo")
-    out = demo_generate(tmp_path / "demo", zoo_path, tiny_phantom_dataset, rep, log=str, seconds_budget=2)
+    out = demo_generate(tmp_path / "demo", zoo_path, tiny_phantom_dataset, rep, log=str, seconds_budget=0)
     assert out["generator_steps"] == 60  # the minimum
     assert 0.0 <= out["zoo_best_test_dice"] <= 1.0 and "generated_test_dice" in out
     assert out["from_held_out_checkpoint"] is not None  # the fake zoo has val/test runs of cord

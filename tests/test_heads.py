@@ -396,7 +396,7 @@ def test_demo_heads_adds_a_universal_vs_heads_table(tiny_phantom_dataset: RawDat
     from weightzoo.heads.demo import demo_heads
 
     report = Report(tmp_path, "demo")
-    out = demo_heads(tmp_path, tiny_phantom_dataset, report, log=lambda s: None, seconds_budget=1)
+    out = demo_heads(tmp_path, tiny_phantom_dataset, report, log=lambda s: None, seconds_budget=0)
     assert out["steps"] == 40 and {r["site"] for r in out["rows"]} == {"A", "B"}
     assert all(0 <= r["site head Dice"] <= 1 for r in out["rows"])
     html = report.write().read_text()
