@@ -228,17 +228,6 @@ def texture_bank(pools: list[Pools], limit: int = 2000, seed: int = 0) -> torch.
 
 
 # ---- synthetic tasks on real textures (ScribblePrompt / UniverSeg style) ----------------------------
-def bank_texture(bank: torch.Tensor, n: int, g: torch.Generator) -> torch.Tensor:
-    """One bank image [M, s, s] seen n ways (random crop/rotation/scale): [n, s, s], zero mean, unit std."""
-    src = bank[int(torch.randint(len(bank), (), generator=g))]
-    grid = _affine_grid(n, bank.shape[-1], g, math.pi, 1.5, 0.5, shared=False)
-    t = F.grid_sample(src.expand(n, 1, *src.shape), grid, padding_mode="reflection", align_corners=False)[
-        :, 0
-    ]
-    t = t - t.mean((-2, -1), keepdim=True)
-    return t / t.flatten(1).std(1).clamp_min(1e-3)[:, None, None]
-
-
 class OnRealTextures:
     """Mixin for a generator with a `_texture(n, g)` hook (SynthShapes, SynthCurves): its textures
     become crops of real images from `bank` [M, s, s] in 0..1, on an s x s grid."""
@@ -250,7 +239,12 @@ class OnRealTextures:
         self.bank = bank
 
     def _texture(self, n: int, g: torch.Generator) -> torch.Tensor:
-        return bank_texture(self.bank, n, g)
+        """One bank image seen n ways (random crop/rotation/scale): [n, s, s], zero mean, unit std."""
+        src = self.bank[int(torch.randint(len(self.bank), (), generator=g))]
+        grid = _affine_grid(n, self.bank.shape[-1], g, math.pi, 1.5, 0.5, shared=False)
+        t = F.grid_sample(src.expand(n, 1, *src.shape), grid, padding_mode="reflection", align_corners=False)
+        t = t[:, 0] - t[:, 0].mean((-2, -1), keepdim=True)
+        return t / t.flatten(1).std(1).clamp_min(1e-3)[:, None, None]
 
 
 class RealTextureShapes(OnRealTextures, SynthShapes):
